@@ -1,0 +1,117 @@
+"""The Backend protocol: what every lowering backend declares and does.
+
+A backend registers itself under a name (the ``backend`` field of a target profile) and declares
+what it supports, so that a request it cannot honour fails before any work starts. The pipeline
+hands it a :class:`BuildJob` (the FP32 model, calibration images, training data for QAT, a staging
+folder) and gets back a :class:`BuiltArtifact`; verification then runs the *written* artifact
+through :meth:`Backend.load_predictor`, never the eager model.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ClassVar, Protocol
+
+import numpy as np
+import torch
+
+from edgemix.errors import UsageError, unknown_choice
+
+
+@dataclass
+class BuildJob:
+    model: torch.nn.Module  # FP32 reference, eval mode, on CPU
+    spec: object  # MixerSpec
+    target: object  # TargetProfile
+    precision: str  # "int8" | "fp32" | "fp16"
+    recipe: object  # CalibRecipe
+    calib_inputs: torch.Tensor  # model-ready float inputs (N, C, H, W) for calibration
+    stage_dir: Path  # write every file here; the pipeline moves the folder into place
+    basename: str  # file stem, e.g. "fmnist_phone_int8"
+    qat_epochs: float = 0.0
+    train_set: object | None = None  # ImageSet for QAT fine-tuning
+    train_config: object | None = None  # edgemix.train.TrainConfig for QAT
+    bundle_inputs: torch.Tensor | None = None  # reference inputs carried in the bundled program
+    bundle_outputs: torch.Tensor | None = None  # the FP32 reference's outputs for them
+    options: dict = field(default_factory=dict)  # backend-specific switches (e.g. keep-fp32 layers)
+    stage: Callable[[str, str, float, int | None], None] = lambda *a: None  # one line per stage
+
+
+@dataclass
+class BuiltArtifact:
+    files: dict[str, Path]  # role -> file, e.g. {"model": x.pte, "bundled": x.bpte}
+    runtime: str  # the runtime that executes the artifact on this host, e.g. "executorch", "onnxruntime"
+    batch_size: int  # the batch the artifact was exported with (inputs are padded to it)
+    dynamic_batch: bool = False
+    quantization: dict = field(default_factory=dict)  # scheme, observer, calibration images, QAT epochs ...
+    details: dict = field(default_factory=dict)  # delegation report, compatibility check, engine status ...
+
+
+class Predictor(Protocol):
+    batch_size: int
+    dynamic_batch: bool
+
+    def __call__(self, x: np.ndarray) -> np.ndarray: ...
+
+
+class Backend:
+    name: ClassVar[str]
+    precisions: ClassVar[tuple[str, ...]]
+    supports_qat: ClassVar[bool]
+    supports_dynamic_batch: ClassVar[bool]
+    artifact_suffix: ClassVar[str]
+
+    def check_request(self, target, precision: str, qat_epochs: float) -> None:
+        """Reject what this backend cannot do, before any work starts."""
+        if precision not in self.precisions:
+            raise unknown_choice(f"precision for backend {self.name}", precision, self.precisions)
+        if precision not in target.precisions:
+            raise UsageError(f"target {target.name} does not support precision '{precision}'; "
+                             f"it supports: {', '.join(target.precisions)}")
+        if qat_epochs and precision != "int8":
+            raise UsageError(f"--qat-epochs {qat_epochs} needs --precision int8 (quantization-aware training "
+                             f"only makes sense for a quantized build), got --precision {precision}")
+        if qat_epochs and not self.supports_qat:
+            raise UsageError(f"backend {self.name} does not support quantization-aware training")
+        if len(set(target.batch_sizes)) > 1 and not self.supports_dynamic_batch:
+            raise UsageError(f"backend {self.name} cannot build for several batch sizes {target.batch_sizes}")
+
+    def build(self, job: BuildJob) -> BuiltArtifact:
+        raise NotImplementedError
+
+    def load_predictor(self, artifact: BuiltArtifact, threads: int) -> Predictor:
+        raise NotImplementedError
+
+
+_BACKENDS: dict[str, type[Backend]] = {}
+_MODULES = {"executorch": "edgemix.backends.executorch", "tensorrt": "edgemix.backends.tensorrt"}
+
+
+def register(cls: type[Backend]) -> type[Backend]:
+    _BACKENDS[cls.name] = cls
+    return cls
+
+
+def get_backend(name: str) -> Backend:
+    if name not in _BACKENDS and name in _MODULES:
+        importlib.import_module(_MODULES[name])  # the module registers itself on import
+    if name not in _BACKENDS:
+        raise unknown_choice("backend", name, _MODULES)
+    return _BACKENDS[name]()
+
+
+def batched_predict(predictor: Predictor, x: np.ndarray) -> np.ndarray:
+    """Run any number of inputs through a fixed-batch artifact, padding the last batch."""
+    b = predictor.batch_size
+    if predictor.dynamic_batch:
+        return np.concatenate([predictor(x[i:i + b]) for i in range(0, len(x), b)])
+    outs = []
+    for i in range(0, len(x), b):
+        chunk = x[i:i + b]
+        n = len(chunk)
+        if n < b:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])
+        outs.append(predictor(np.ascontiguousarray(chunk))[:n])
+    return np.concatenate(outs)

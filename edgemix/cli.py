@@ -1,0 +1,217 @@
+"""The ``edgemix`` command. Thin: parse, build a config, call the library. Heavy imports are lazy
+so that ``edgemix --help`` and usage errors answer at once."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from edgemix.errors import EdgemixError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compile MLP-Mixer models to INT8 edge artifacts and prove their accuracy and speed.\n\n"
+                       "Exit codes: 0 ok, 1 gate failed, 2 bad usage/config/input, 3 missing toolchain, "
+                       "4 device unreachable.")
+
+
+def _fail(err: EdgemixError) -> None:
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(err.exit_code)
+
+
+def handles_errors(fn):
+    """User mistakes become one clear paragraph and a documented exit code, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EdgemixError as e:
+            _fail(e)
+        except KeyboardInterrupt:
+            typer.echo("interrupted; nothing was written past the last completed stage", err=True)
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output (also under CI=true).")
+
+
+def _set_quiet(q: bool) -> None:
+    from edgemix import console
+
+    console.set_quiet(q)
+
+
+@app.command("models")
+@handles_errors
+def models_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """List every model variant with its size and cost."""
+    import torch
+
+    from edgemix.models import DEFAULT_WEIGHTS, PAPER_NAMES, VARIANTS, build_model, count_params
+
+    rows = []
+    for alias, spec in VARIANTS.items():
+        with torch.device("meta"):  # count parameters without allocating H/14's 1.7 GB
+            model = build_model(spec)
+        rows.append({
+            "alias": alias, "name": PAPER_NAMES[alias], "patch": spec.patch_size, "hidden": spec.hidden_dim,
+            "depth": spec.depth, "tokens_mlp": spec.tokens_mlp_dim, "channels_mlp": spec.channels_mlp_dim,
+            "image": f"{spec.img_size}x{spec.img_size}x{spec.in_chans}", "classes": spec.num_classes,
+            "params_m": round(count_params(model) / 1e6, 2), "gmacs": round(spec.macs() / 1e9, 3),
+            "shipped_weights": alias in DEFAULT_WEIGHTS and DEFAULT_WEIGHTS[alias].is_file(),
+        })
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("alias", "model", "patch", "C", "depth", "D_S", "D_C", "input", "classes", "params (M)",
+              "GMACs/img", "weights")
+    for r in rows:
+        t.add_row(r["alias"], r["name"], str(r["patch"]), str(r["hidden"]), str(r["depth"]), str(r["tokens_mlp"]),
+                  str(r["channels_mlp"]), r["image"], str(r["classes"]), f"{r['params_m']:.2f}", f"{r['gmacs']:.3f}",
+                  "shipped" if r["shipped_weights"] else "--weights")
+    Console(width=140).print(t)
+
+
+@app.command("targets")
+@handles_errors
+def targets_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """List the device profiles in targets/ (and their aliases)."""
+    from edgemix.config import ALIASES, load_targets
+
+    targets = load_targets()
+    if as_json:
+        typer.echo(json.dumps({n: t.model_dump(mode="json") for n, t in targets.items()}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    alias_of = {}
+    for a, n in ALIASES.items():
+        alias_of.setdefault(n, []).append(a)
+    t = Table("target", "aliases", "backend", "precisions", "batch", "max top-1 drop", "min agreement",
+              "latency budget", "runner")
+    for name, p in sorted(targets.items()):
+        t.add_row(name, ", ".join(alias_of.get(name, [])), p.backend, ", ".join(p.precisions),
+                  ", ".join(map(str, p.batch_sizes)), f"{p.budget.max_top1_drop:.2f} pts",
+                  f"{p.budget.min_agreement:.3f}", f"{p.budget.max_latency_ratio:.2f}x", p.runner.kind)
+    Console(width=160).print(t)
+
+
+@app.command("train")
+@handles_errors
+def train_cmd(
+    model: str = typer.Option("fmnist", "--model", "-m", help="Model alias (see `edgemix models`)."),
+    data: str = typer.Option("fashion-mnist", help="Training data: fashion-mnist, sample, or a folder."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Evaluation data (default: test split of --data)."),
+    out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="Output folder (last.pt, model.pt)."),
+    epochs: float = typer.Option(12.0, help="Epochs (fractions allowed)."),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    lr: float = typer.Option(2e-3),
+    seed: int = typer.Option(0),
+    limit: Optional[int] = typer.Option(None, help="Use a stratified subset of this many training images."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Start from these weights (fine-tuning)."),
+    reset_head: bool = typer.Option(False, "--reset-head", help="Drop a head with a different class count."),
+    resume: Optional[Path] = typer.Option(None, help="Resume from a run's last.pt."),
+    image_size: Optional[int] = typer.Option(None, "--image-size"),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    quiet: bool = QuietOpt,
+):
+    """Train a Mixer in FP32 (single process, or under torchrun with DDP)."""
+    _set_quiet(quiet)
+    from edgemix import console
+    from edgemix.data import load_dataset, stratified_indices
+    from edgemix.models import build_model, resolve_spec
+    from edgemix.models.checkpoints import load_weights
+    from edgemix.train import TrainConfig, train
+
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, threads=threads)
+    cfg.validate()
+    spec = resolve_spec(model, image_size, num_classes)
+    train_set = load_dataset(data, "train")
+    if limit:
+        train_set = train_set.subset(stratified_indices(train_set.labels, limit, seed))
+    eval_set = load_dataset(eval_data or data, "test")
+    classes = len(train_set.classes)
+    if classes != spec.num_classes and num_classes is None:
+        spec = spec.with_overrides(num_classes=classes)
+    net = build_model(spec)
+    if weights is not None and resume is None:
+        load_weights(net, weights, reset_head=reset_head)
+    console.info(f"training {spec.name} on {train_set.source} ({len(train_set)} images), "
+                 f"evaluating on {eval_set.source} ({len(eval_set)} images) -> {out}")
+    result = train(net, spec, train_set, eval_set, cfg, out, resume=resume,
+                   source_meta={"train": train_set.source, "train_images": len(train_set),
+                                "eval": eval_set.source, "eval_images": len(eval_set)})
+    if result["final_top1"] is not None:
+        console.info(f"done: top-1 {100 * result['final_top1']:.2f}% on {eval_set.source} in "
+                     f"{result['wall_s']:.0f} s on {result['device']}; weights: {out / 'model.pt'}")
+
+
+@app.command("eval")
+@handles_errors
+def eval_cmd(
+    model: str = typer.Option("fmnist", "--model", "-m", help="Model alias (see `edgemix models`)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Checkpoint (default: the shipped one)."),
+    data: str = typer.Option("sample", help="Evaluation data: sample (shipped), fashion-mnist, or a folder."),
+    split: str = typer.Option("test", help="train or test (IDX data sets)."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate a stratified subset of this many images."),
+    batch_size: int = typer.Option(250, "--batch-size"),
+    image_size: Optional[int] = typer.Option(None, "--image-size"),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes"),
+    save_logits: Optional[Path] = typer.Option(None, "--save-logits", help="Write reference logits (.npz)."),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cuda or cpu."),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable results."),
+    quiet: bool = QuietOpt,
+):
+    """Evaluate the FP32 reference: top-1, per-class accuracy, reference logits."""
+    _set_quiet(quiet or as_json)
+    from edgemix.verify.reference import evaluate, save_reference
+
+    if split not in ("train", "test"):
+        from edgemix.errors import unknown_choice
+
+        raise unknown_choice("split", split, ["train", "test"])
+    result, logits = evaluate(model, weights, data, split=split, limit=limit, batch_size=batch_size,
+                              image_size=image_size, num_classes=num_classes, device=device)
+    if save_logits is not None:
+        save_reference(save_logits, result, logits)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    c = Console(width=120)
+    c.print(f"{result['model']} on {result['data']} ({result['samples']} images, {result['device']}): "
+            f"top-1 [bold]{100 * result['top1']:.2f}%[/bold]")
+    t = Table("class", "images", "top-1")
+    for row in result["per_class"]:
+        t.add_row(row["class"], str(row["samples"]), f"{100 * row['top1']:.2f}%")
+    c.print(t)
+    if save_logits is not None:
+        c.print(f"reference logits: {save_logits}")
+
+
+def main() -> None:
+    try:
+        app()
+    except EdgemixError as e:  # raised outside a command (should not happen, but never a traceback)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()
+

@@ -1,0 +1,169 @@
+"""Validated configuration: device profiles (targets/*.toml), calibration recipes (calib/*.toml)
+and the resolved build config. Validation lives here; a bad file is a clear error, not a traceback."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edgemix.errors import UsageError, unknown_choice
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TARGETS_DIR = REPO_ROOT / "targets"
+CALIB_DIR = REPO_ROOT / "calib"
+ALIASES = {"jetson": "jetson-orin-nano", "phone": "android-arm64", "host": "host-cpu"}
+BACKENDS = ("executorch", "tensorrt")
+PRECISIONS = ("int8", "fp32", "fp16")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DriftBudget(_Strict):
+    max_top1_drop: float = Field(1.0, ge=0, description="largest allowed top-1 drop, in points")
+    min_agreement: float = Field(0.97, ge=0, le=1, description="smallest allowed top-1 agreement with FP32")
+    min_cosine: float = Field(0.98, ge=-1, le=1, description="smallest allowed mean logit cosine")
+    max_latency_ratio: float = Field(1.15, gt=0, description="largest allowed p50 latency / baseline p50")
+    int8_must_be_faster: bool = True
+
+
+class RunnerDefaults(_Strict):
+    kind: Literal["ssh", "adb", "local"]
+    warmup: int = Field(10, ge=0)
+    iterations: int = Field(50, ge=1)
+    timeout_s: float = Field(300, gt=0)
+    remote_dir: str = "/tmp/edgemix"
+
+
+class TensorRTSettings(_Strict):
+    version: str = Field(description="TensorRT version on the device, e.g. '10.3'")
+    jetpack: str | None = None
+    opset: int = Field(17, ge=13)
+    workspace_mb: int = Field(1024, ge=64)
+    fp16_fallback: bool = True
+    gpu: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        major = int(self.version.split(".")[0]) if self.version.split(".")[0].isdigit() else -1
+        if major < 8:
+            raise ValueError(f"tensorrt.version '{self.version}' is not a TensorRT version edgemix supports "
+                             "(explicit INT8 Q/DQ needs TensorRT 8 or newer)")
+        # per-channel Q/DQ on Gemm/MatMul weights and opset 13+ arrived in TensorRT 8.x; opset 19+ needs 10
+        if self.opset > 18 and major < 10:
+            raise ValueError(f"opset {self.opset} needs TensorRT 10; this profile says {self.version}")
+        return self
+
+
+class ExecuTorchSettings(_Strict):
+    # arm64 CPU profiles to verify drift on under emulation (qemu -cpu names)
+    isa_profiles: list[str] = Field(default_factory=list)
+    isa_eval_images: int = Field(64, ge=1)
+
+
+class TargetProfile(_Strict):
+    name: str
+    description: str = ""
+    backend: Literal["executorch", "tensorrt"]
+    precisions: list[Literal["int8", "fp32", "fp16"]]
+    default_precision: Literal["int8", "fp32", "fp16"] = "int8"
+    batch_sizes: list[int] = Field(default_factory=lambda: [1])
+    threads: int = Field(2, ge=1)
+    budget: DriftBudget = DriftBudget()
+    runner: RunnerDefaults
+    tensorrt: TensorRTSettings | None = None
+    executorch: ExecuTorchSettings = ExecuTorchSettings()
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch_sizes must be positive integers, got {self.batch_sizes}")
+        if self.default_precision not in self.precisions:
+            raise ValueError(f"default_precision '{self.default_precision}' is not in precisions {self.precisions}")
+        if self.backend == "tensorrt" and self.tensorrt is None:
+            raise ValueError("a tensorrt target needs a [tensorrt] table (version, opset, workspace_mb)")
+        return self
+
+    @property
+    def export_batch(self) -> int:
+        return self.batch_sizes[0]
+
+    @property
+    def batch_range(self) -> tuple[int, int, int]:
+        """(min, opt, max) for TensorRT profiles / dynamic shapes."""
+        return min(self.batch_sizes), self.batch_sizes[0], max(self.batch_sizes)
+
+
+class CalibRecipe(_Strict):
+    name: str
+    description: str = ""
+    data: str = "sample"
+    split: Literal["train", "test"] = "train"
+    images: int = Field(128, ge=1)
+    seed: int = 0
+    batch_size: int = Field(32, ge=1)
+    observer: Literal["minmax", "moving_average_minmax", "histogram", "percentile"] = "minmax"
+    percentile: float = Field(99.99, gt=50, le=100)
+
+
+def _format_validation(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(file)"
+        parts.append(f"{loc}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def _read_toml(path: Path, what: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{what} {path} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+def _load_model(cls, path: Path, what: str):
+    data = _read_toml(path, what)
+    data.setdefault("name", path.stem)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise UsageError(f"{what} {path} is invalid: {_format_validation(e)}",
+                         hint=f"see the other files in {path.parent} for the expected fields") from None
+
+
+def load_targets(folder: Path = TARGETS_DIR) -> dict[str, TargetProfile]:
+    return {p.stem: _load_model(TargetProfile, p, "target profile") for p in sorted(folder.glob("*.toml"))}
+
+
+def resolve_target(name: str, folder: Path = TARGETS_DIR) -> TargetProfile:
+    """A profile by name or alias, or a path to a .toml profile of the user's own."""
+    if name.endswith(".toml") or "/" in name:
+        path = Path(name)
+        if not path.is_file():
+            raise UsageError(f"target profile file '{name}' does not exist")
+        return _load_model(TargetProfile, path, "target profile")
+    key = ALIASES.get(name, name)
+    path = folder / f"{key}.toml"
+    if not path.is_file():
+        choices = [p.stem for p in folder.glob("*.toml")] + list(ALIASES)
+        raise unknown_choice("target", name, choices)
+    return _load_model(TargetProfile, path, "target profile")
+
+
+def resolve_recipe(name: str, folder: Path = CALIB_DIR) -> CalibRecipe:
+    if name.endswith(".toml") or "/" in name:
+        path = Path(name)
+        if not path.is_file():
+            raise UsageError(f"calibration recipe file '{name}' does not exist")
+        return _load_model(CalibRecipe, path, "calibration recipe")
+    path = folder / f"{name}.toml"
+    if not path.is_file():
+        raise unknown_choice("calibration recipe", name, [p.stem for p in folder.glob("*.toml")])
+    return _load_model(CalibRecipe, path, "calibration recipe")

@@ -1,0 +1,54 @@
+"""Model zoo: resolve an alias to a spec, build the model, load its weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgemix.errors import unknown_choice
+from edgemix.models.mixer import PAPER_NAMES, VARIANTS, MixerSpec, MlpMixer, build_model, count_params
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# Checkpoints that ship with edgemix; used when --weights is not given.
+DEFAULT_WEIGHTS = {"fmnist": WEIGHTS_DIR / "fmnist.pt"}
+
+
+def resolve_spec(alias: str, img_size: int | None = None, num_classes: int | None = None) -> MixerSpec:
+    key = alias.lower().replace("mixer-", "").replace("/", "")
+    if key not in VARIANTS:
+        raise unknown_choice("model", alias, VARIANTS)
+    return VARIANTS[key].with_overrides(img_size=img_size, num_classes=num_classes)
+
+
+def load_model(alias: str, weights: str | Path | None = None, img_size: int | None = None,
+               num_classes: int | None = None, reset_head: bool = False, allow_random: bool = False):
+    """Build a model and load its weights: ``weights``, else the shipped default for the alias.
+
+    Returns (model in eval mode, provenance dict). A model with no weights is only built when
+    ``allow_random`` is set (benchmarks of latency and size do not need trained weights).
+    """
+    from edgemix.errors import CheckpointError
+    from edgemix.models.checkpoints import load_weights, spec_from_checkpoint
+
+    spec = resolve_spec(alias, img_size, num_classes)
+    if weights is None and alias in DEFAULT_WEIGHTS and DEFAULT_WEIGHTS[alias].is_file():
+        weights = DEFAULT_WEIGHTS[alias]
+    if weights is not None:
+        stored = spec_from_checkpoint(weights)
+        if stored is not None and stored.name == spec.name:
+            # an edgemix checkpoint knows its own image size and class count
+            spec = stored.with_overrides(img_size=img_size, num_classes=num_classes)
+    model = build_model(spec)
+    if weights is None:
+        if not allow_random:
+            raise CheckpointError(
+                f"model '{alias}' has no shipped weights and no --weights was given",
+                hint="pass --weights FILE (an edgemix .pt, a timm .pth/.safetensors or an official JAX .npz), "
+                     "or --random-weights for latency/size work where accuracy does not matter")
+        prov = {"path": None, "format": "random-init", "sha256": None, "reset": [], "meta": {}}
+    else:
+        prov = load_weights(model, weights, reset_head=reset_head)
+    return model.eval(), prov
+
+
+__all__ = ["VARIANTS", "PAPER_NAMES", "MixerSpec", "MlpMixer", "build_model", "count_params",
+           "resolve_spec", "load_model", "DEFAULT_WEIGHTS"]

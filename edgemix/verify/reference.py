@@ -1,0 +1,83 @@
+"""The FP32 reference: evaluates a model + weights on a data set, on CUDA when present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgemix.data import ImageSet, load_dataset, stratified_indices, to_model_input
+from edgemix.errors import UsageError
+
+
+def pick_device(requested: str = "auto") -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is visible to torch",
+                         hint="use --device auto or cpu")
+    if requested not in ("cuda", "cpu"):
+        from edgemix.errors import unknown_choice
+
+        raise unknown_choice("device", requested, ["auto", "cuda", "cpu"])
+    return requested
+
+
+@torch.no_grad()
+def reference_logits(model: torch.nn.Module, data: ImageSet, spec, batch_size: int = 250,
+                     device: str = "cpu") -> np.ndarray:
+    model = model.to(device).eval()
+    out = []
+    for i in range(0, len(data), batch_size):
+        x = to_model_input(data.images[i:i + batch_size], spec).to(device)
+        out.append(model(x).float().cpu())
+    model.to("cpu")
+    return torch.cat(out).numpy() if out else np.zeros((0, spec.num_classes), np.float32)
+
+
+def accuracy_table(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> tuple[float, list[dict]]:
+    pred = logits.argmax(1)
+    per_class = []
+    for ci, name in enumerate(classes):
+        mask = labels == ci
+        n = int(mask.sum())
+        per_class.append({"class": name, "samples": n, "top1": float((pred[mask] == ci).mean()) if n else 0.0})
+    return float((pred == labels).mean()) if len(labels) else 0.0, per_class
+
+
+def evaluation_set(data: str, split: str = "test", limit: int | None = None, seed: int = 0) -> ImageSet:
+    ds = load_dataset(data, split)
+    if limit is not None:
+        if limit < 1:
+            raise UsageError(f"--limit must be >= 1, got {limit}")
+        ds = ds.subset(stratified_indices(ds.labels, limit, seed))
+    return ds
+
+
+def evaluate(model_alias: str, weights, data: str, split: str = "test", limit: int | None = None,
+             batch_size: int = 250, image_size=None, num_classes=None, device: str = "auto"):
+    from edgemix.models import load_model
+
+    dev = pick_device(device)
+    ds = evaluation_set(data, split, limit)
+    model, prov = load_model(model_alias, weights, img_size=image_size, num_classes=num_classes)
+    if len(ds.classes) > model.spec.num_classes:
+        raise UsageError(f"data '{data}' has {len(ds.classes)} classes but the model's head has "
+                         f"{model.spec.num_classes}", hint="evaluate on data with the model's classes")
+    logits = reference_logits(model, ds, model.spec, batch_size, dev)
+    labels = ds.labels.numpy()
+    top1, per_class = accuracy_table(logits, labels, ds.classes)
+    result = {"model": model.spec.name, "weights": prov["path"], "weights_sha256": prov["sha256"],
+              "data": ds.source, "samples": len(ds), "device": dev,
+              "device_name": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+              "top1": top1, "per_class": per_class}
+    return result, logits
+
+
+def save_reference(path: Path, result: dict, logits: np.ndarray) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez_compressed(tmp, logits=logits, top1=result["top1"], device=result["device"])
+    tmp.replace(path)
