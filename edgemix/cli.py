@@ -204,6 +204,65 @@ def eval_cmd(
         c.print(f"reference logits: {save_logits}")
 
 
+def _default_train_data() -> str:
+    from edgemix.data.idx import DEBIAN_DIR
+
+    return "fashion-mnist" if DEBIAN_DIR.is_dir() else "sample"
+
+
+@app.command("build")
+@handles_errors
+def build_cmd(
+    target: str = typer.Option(..., "--target", "-t", help="Device profile or alias (see `edgemix targets`)."),
+    model: str = typer.Option("fmnist", "--model", "-m", help="Model alias (see `edgemix models`)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Checkpoint (default: the shipped one)."),
+    precision: Optional[str] = typer.Option(None, help="int8, fp32 or fp16 (default: the target's)."),
+    calib: str = typer.Option("default", help="Calibration recipe in calib/ (name) or a .toml path."),
+    qat_epochs: float = typer.Option(0.0, "--qat-epochs", help="Quantization-aware fine-tuning epochs (0 = PTQ)."),
+    train_data: Optional[str] = typer.Option(None, "--train-data",
+                                             help="QAT training data (default: fashion-mnist if installed, else sample)."),
+    qat_lr: float = typer.Option(1e-4, "--qat-lr"),
+    eval_data: str = typer.Option("sample", "--eval-data", help="Verification data: sample, fashion-mnist, or a folder."),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Verify on a stratified subset of this size."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                       help="Artifact folder (default: artifacts/{model}_{target}_{precision})."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for host verification (default: the target's)."),
+    latency_runs: int = typer.Option(30, "--latency-runs", help="Timed runs after warm-up."),
+    image_size: Optional[int] = typer.Option(None, "--image-size"),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes"),
+    reset_head: bool = typer.Option(False, "--reset-head", help="Drop a checkpoint head with another class count."),
+    random_weights: bool = typer.Option(False, "--random-weights",
+                                        help="Build a model without trained weights (latency/size work only)."),
+    compare_fp32: bool = typer.Option(True, "--compare-fp32/--no-compare-fp32",
+                                      help="Also build the FP32 artifact and check that INT8 is faster."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if the fingerprint is unchanged."),
+    quiet: bool = QuietOpt,
+):
+    """Quantize, lower and verify a model for a target; writes artifacts/{model}_{target}_{precision}/."""
+    _set_quiet(quiet)
+    from edgemix.config import BuildConfig, resolve_target
+    from edgemix.models import resolve_spec
+    from edgemix.pipeline import build, default_out
+
+    spec = resolve_spec(model, image_size, num_classes)  # unknown model: fail before anything else
+    profile = resolve_target(target)
+    prec = precision or profile.default_precision
+    cfg = BuildConfig(
+        model=spec.name, target=target, precision=prec, weights=str(weights) if weights else None,
+        random_weights=random_weights, image_size=image_size, num_classes=num_classes, reset_head=reset_head,
+        calib=calib, qat_epochs=qat_epochs, train_data=train_data or _default_train_data(), qat_lr=qat_lr,
+        eval_data=eval_data, eval_limit=eval_limit, threads=threads, latency_runs=latency_runs,
+        compare_fp32=compare_fp32, out=str(out or default_out(spec.name, profile, prec, qat_epochs > 0)),
+        force=force,
+    )
+    report = build(cfg)
+    d = report["drift"]
+    typer.echo(f"{report['model']} -> {report['target']} {report['precision']}: top-1 "
+               f"{100 * report['reference']['top1']:.2f}% (FP32) -> {100 * report['deployed']['top1']:.2f}% "
+               f"({d['top1_delta']:+.2f} pts, {d['samples']} images), agreement {100 * d['agreement']:.2f}%, "
+               f"p50 {report['latency_ms']['p50']:.2f} ms; {report['artifact']['dir']}")
+
+
 def main() -> None:
     try:
         app()

@@ -167,3 +167,48 @@ def resolve_recipe(name: str, folder: Path = CALIB_DIR) -> CalibRecipe:
     if not path.is_file():
         raise unknown_choice("calibration recipe", name, [p.stem for p in folder.glob("*.toml")])
     return _load_model(CalibRecipe, path, "calibration recipe")
+
+
+class BuildConfig(_Strict):
+    """Every input of one build, defaults made explicit; written as config.resolved.toml."""
+
+    model: str
+    target: str
+    precision: str
+    weights: str | None = None
+    random_weights: bool = False
+    image_size: int | None = None
+    num_classes: int | None = None
+    reset_head: bool = False
+    calib: str = "default"
+    qat_epochs: float = Field(0.0, ge=0)
+    train_data: str = "sample"
+    qat_lr: float = Field(1e-4, gt=0)
+    qat_batch_size: int = Field(64, ge=1)
+    eval_data: str = "sample"
+    eval_split: Literal["train", "test"] = "test"
+    eval_limit: int | None = Field(None, ge=1)
+    bundle_images: int = Field(8, ge=1)
+    latency_warmup: int = Field(5, ge=0)
+    latency_runs: int = Field(30, ge=3)
+    threads: int | None = Field(None, ge=1)
+    compare_fp32: bool = True
+    out: str
+    force: bool = False
+    reference_device: Literal["auto", "cpu", "cuda"] = "auto"
+    backend_options: dict = Field(default_factory=dict)
+
+
+def write_resolved_toml(path: Path, cfg: BuildConfig, target: TargetProfile, recipe: CalibRecipe) -> None:
+    import tomli_w
+
+    def clean(d):  # TOML has no null: leave unset values out, say so in a comment
+        return {k: clean(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+
+    doc = {"build": clean(cfg.model_dump(mode="json")), "target": clean(target.model_dump(mode="json")),
+           "calibration": clean(recipe.model_dump(mode="json"))}
+    text = ("# Every input of this build with its defaults made explicit (unset options are omitted).\n"
+            + tomli_w.dumps(doc))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -187,7 +187,7 @@ def train(model, spec, train_set: ImageSet, eval_set: ImageSet | None, cfg: Trai
     def meta(step):
         return {"train_config": asdict(cfg), "data": source_meta or {}, "step": step,
                 "history": history, "device": device, "world_size": world,
-                "torch": torch.__version__}
+                "torch": str(torch.__version__)}
 
     def on_epoch_end(epoch, step, opt, loss):
         top1 = evaluate_top1(model, eval_set, spec, device=device) if (eval_set is not None and rank == 0) else None

@@ -54,8 +54,9 @@ def _torch_load(path: Path) -> object:
         # weights_only: a checkpoint is data, never code to run.
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated/corrupt zips and pickles
+        first_line = (str(e).splitlines() or ["empty file"])[0][:160]
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
+            f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {first_line})",
             hint="re-download or re-create it; edgemix reads its own .pt, timm .pth/.safetensors and JAX .npz",
         ) from None
 

@@ -1,0 +1,236 @@
+"""The stage order of `edgemix build`; the only module that knows it.
+
+    resolve + validate -> FP32 reference -> quantize + lower (backend) -> verify the written
+    artifact (drift, latency, INT8-vs-FP32) -> report -> move the folder into place
+
+Everything is written into a staging folder beside the destination and renamed into place at
+the end, so a failed build leaves the previous build untouched and no half-written artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgemix import console
+from edgemix.backends.base import BuildJob, batched_predict, get_backend
+from edgemix.config import ALIASES, BuildConfig, resolve_recipe, resolve_target, write_resolved_toml
+from edgemix.data import load_dataset, stratified_indices, to_model_input
+from edgemix.errors import UsageError
+from edgemix.verify import report as rep
+from edgemix.verify.drift import drift_metrics
+from edgemix.verify.latency import measure_interleaved, summarize
+from edgemix.verify.reference import pick_device, reference_logits
+
+REPORT_FILES = ("report.json", "report.md", "config.resolved.toml")
+
+
+def target_label(target) -> str:
+    short = {v: k for k, v in ALIASES.items()}
+    return short.get(target.name, target.name)
+
+
+def default_out(model: str, target, precision: str, qat: bool) -> Path:
+    return Path("artifacts") / f"{model}_{target_label(target)}_{precision}{'-qat' if qat else ''}"
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+def file_record(path: Path) -> dict:
+    from edgemix.models.checkpoints import file_sha256
+
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+class Stages:
+    """Collects one line per stage: name, what it produced, wall time, size."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def __call__(self, name: str, produced: str, seconds: float, size: int | None = None) -> None:
+        self.rows.append({"name": name, "produced": produced, "seconds": round(seconds, 3), "bytes": size})
+        console.stage_line(name, produced, seconds, size)
+
+
+def _fingerprint(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _swap_into_place(stage_dir: Path, out: Path) -> None:
+    """Replace ``out`` by ``stage_dir`` with renames only; the old build survives until the new one is in."""
+    backup = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(backup)
+    try:
+        stage_dir.rename(out)
+    except OSError:
+        if backup.exists():
+            backup.rename(out)
+        raise
+    if backup.exists():
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def build(cfg: BuildConfig) -> dict:
+    t_start = time.perf_counter()
+    stages = Stages()
+    # ---------------------------------------------------------------- resolve, fail fast
+    target = resolve_target(cfg.target)
+    backend = get_backend(target.backend)
+    backend.check_request(target, cfg.precision, cfg.qat_epochs)
+    recipe = resolve_recipe(cfg.calib)
+    from edgemix.models import load_model
+
+    model, weights = load_model(cfg.model, cfg.weights, img_size=cfg.image_size, num_classes=cfg.num_classes,
+                                reset_head=cfg.reset_head, allow_random=cfg.random_weights)
+    spec = model.spec
+    calib_set = load_dataset(recipe.data, recipe.split)
+    calib_set = calib_set.subset(stratified_indices(calib_set.labels, recipe.images, recipe.seed))
+    eval_set = load_dataset(cfg.eval_data, cfg.eval_split)
+    if cfg.eval_limit:
+        eval_set = eval_set.subset(stratified_indices(eval_set.labels, cfg.eval_limit, 0))
+    if len(eval_set.classes) > spec.num_classes:
+        raise UsageError(f"evaluation data '{cfg.eval_data}' has {len(eval_set.classes)} classes but the model's "
+                         f"head has {spec.num_classes}", hint="pass --num-classes with --reset-head, or other data")
+    train_set = load_dataset(cfg.train_data, "train") if cfg.qat_epochs else None
+    threads = cfg.threads or target.threads
+    torch.set_num_threads(threads)
+    out = Path(cfg.out)
+    calib_inputs = to_model_input(calib_set.images, spec)
+    fingerprint = _fingerprint({
+        "weights": weights["sha256"], "calib": tensor_sha256(calib_set.images), "recipe": recipe.model_dump(),
+        "target": target.model_dump(), "config": cfg.model_dump(exclude={"force", "out"}),
+        "versions": rep.library_versions(), "eval": tensor_sha256(eval_set.images),
+    })
+    if not cfg.force and (out / "report.json").is_file():
+        try:
+            old = json.loads((out / "report.json").read_text())
+        except (OSError, ValueError):
+            old = {}
+        if old.get("provenance", {}).get("fingerprint") == fingerprint:
+            console.info(f"{out} is up to date (fingerprint {fingerprint[:12]}); pass --force to rebuild")
+            return old
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage_dir = out.with_name(f".{out.name}.staging-{os.getpid()}")
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    stage_dir.mkdir()
+    try:
+        report = _build_in(stage_dir, cfg, target, backend, recipe, model, spec, weights, calib_set, calib_inputs,
+                           eval_set, train_set, threads, stages, fingerprint)
+        write_resolved_toml(stage_dir / "config.resolved.toml", cfg, target, recipe)
+        report["stages"] = stages.rows
+        report["build_seconds"] = round(time.perf_counter() - t_start, 2)
+        report["artifact"]["dir"] = str(out)
+        rep.write_json(stage_dir / "report.json", report)
+        rep.write_atomic(stage_dir / "report.md", rep.render_markdown(report))
+        _swap_into_place(stage_dir, out)
+    finally:
+        shutil.rmtree(stage_dir, ignore_errors=True)
+    console.stage_line("report", f"{out}/report.json, report.md, config.resolved.toml",
+                       time.perf_counter() - t_start)
+    return report
+
+
+def _build_in(stage_dir, cfg, target, backend, recipe, model, spec, weights, calib_set, calib_inputs, eval_set,
+              train_set, threads, stages, fingerprint) -> dict:
+    # ---------------------------------------------------------------- FP32 reference
+    t = time.perf_counter()
+    ref_device = pick_device(cfg.reference_device)
+    ref_logits = reference_logits(model, eval_set, spec, device=ref_device)
+    labels = eval_set.labels.numpy()
+    stages("reference", f"FP32 logits of {len(eval_set)} images on {ref_device}", time.perf_counter() - t)
+
+    eval_inputs = to_model_input(eval_set.images, spec)
+    bundle_n = min(cfg.bundle_images, len(eval_set))
+    from edgemix.train import TrainConfig
+
+    basename = f"{spec.name}_{target_label(target)}_{cfg.precision}"
+    job = BuildJob(
+        model=model, spec=spec, target=target, precision=cfg.precision, recipe=recipe, calib_inputs=calib_inputs,
+        stage_dir=stage_dir, basename=basename, qat_epochs=cfg.qat_epochs, train_set=train_set,
+        train_config=TrainConfig(epochs=cfg.qat_epochs or 1.0, batch_size=cfg.qat_batch_size, lr=cfg.qat_lr,
+                                 warmup_epochs=0.0, seed=recipe.seed),
+        bundle_inputs=eval_inputs[:bundle_n], bundle_outputs=torch.from_numpy(ref_logits[:bundle_n]),
+        options=dict(cfg.backend_options), stage=stages,
+    )
+    artifact = backend.build(job)
+
+    # ---------------------------------------------------------------- verify the written artifact
+    t = time.perf_counter()
+    predictor = backend.load_predictor(artifact, threads)
+    dep_logits = batched_predict(predictor, eval_inputs.numpy())
+    drift = drift_metrics(ref_logits, dep_logits, labels)
+    stages("verify", f"{artifact.runtime} on {len(eval_set)} images: top-1 {100 * drift['deployed_top1']:.2f}% "
+                     f"({drift['top1_delta']:+.2f} pts), agreement {100 * drift['agreement']:.2f}%",
+           time.perf_counter() - t)
+
+    t = time.perf_counter()
+    x = np.ascontiguousarray(np.repeat(eval_inputs[:1].numpy(), predictor.batch_size, axis=0))
+    paths = {"deployed": predictor}
+    fp32_artifact = None
+    if cfg.compare_fp32 and cfg.precision == "int8":
+        fp32_dir = stage_dir / "fp32-comparison"
+        fp32_dir.mkdir()
+        fp32_job = BuildJob(model=model, spec=spec, target=target, precision="fp32", recipe=recipe,
+                            calib_inputs=calib_inputs, stage_dir=fp32_dir, basename=f"{spec.name}_fp32",
+                            options=dict(cfg.backend_options), stage=lambda *a: None)
+        fp32_artifact = backend.build(fp32_job)
+        paths["fp32"] = backend.load_predictor(fp32_artifact, threads)
+    samples = measure_interleaved(paths, x, cfg.latency_warmup, cfg.latency_runs)
+    latency = summarize(samples["deployed"], predictor.batch_size)
+    latency.update(threads=threads, warmup=cfg.latency_warmup)
+    comparison = None
+    if fp32_artifact is not None:
+        fp32_lat = summarize(samples["fp32"], predictor.batch_size)
+        model_file = artifact.files["model"]
+        fp32_bytes = fp32_artifact.files["model"].stat().st_size
+        comparison = {
+            "fp32_p50_ms": fp32_lat["p50"], "fp32_p90_ms": fp32_lat["p90"], "fp32_noise_ms": fp32_lat["noise_ms"],
+            "latency_ratio": latency["p50"] / fp32_lat["p50"],
+            "int8_faster": latency["p50"] + latency["noise_ms"] < fp32_lat["p50"] - fp32_lat["noise_ms"],
+            "fp32_bytes": fp32_bytes, "size_ratio": model_file.stat().st_size / fp32_bytes,
+            "float_fallback": artifact.details.get("float_ops", {}),
+        }
+        shutil.rmtree(stage_dir / "fp32-comparison", ignore_errors=True)
+    stages("latency", f"p50 {latency['p50']:.2f} ms, p90 {latency['p90']:.2f} ms (batch {predictor.batch_size}, "
+                      f"{threads} threads, {cfg.latency_runs} runs)"
+                      + (f"; {comparison['latency_ratio']:.2f}x the FP32 artifact" if comparison else ""),
+           time.perf_counter() - t)
+
+    files = {role: file_record(p) for role, p in artifact.files.items()}
+    meta = rep.build_metadata()
+    return {
+        "schema_version": rep.SCHEMA_VERSION,
+        "model": spec.name,
+        "target": target.name,
+        "target_alias": target_label(target),
+        "backend": backend.name,
+        "precision": cfg.precision,
+        "quantization": artifact.quantization,
+        "artifact": {"bytes": files["model"]["bytes"], "files": files, "batch_size": artifact.batch_size,
+                     "dynamic_batch": artifact.dynamic_batch},
+        "evaluation": {"data": eval_set.source, "samples": len(eval_set)},
+        "reference": {"device": ref_device, "top1": drift["reference_top1"], "samples": len(eval_set)},
+        "deployed": {"runtime": artifact.runtime, "top1": drift["deployed_top1"]},
+        "drift": {k: v for k, v in drift.items() if k not in ("reference_top1", "deployed_top1")},
+        "latency_ms": latency,
+        "fp32_comparison": comparison,
+        "budget": target.budget.model_dump(),
+        "details": artifact.details,
+        "provenance": {
+            "fingerprint": fingerprint, "weights": weights["path"], "weights_format": weights["format"],
+            "weights_sha256": weights["sha256"], "calibration_sha256": tensor_sha256(calib_set.images),
+            "calibration_images": len(calib_set), "recipe": recipe.model_dump(), **meta,
+        },
+    }

@@ -1,0 +1,131 @@
+"""Reports: data first (report.json, versioned), then a Markdown rendering of the same data."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+TRACKED_LIBRARIES = ("torch", "executorch", "torchao", "nncf", "onnx", "onnxruntime", "onnxsim", "numpy")
+
+
+def library_versions() -> dict[str, str | None]:
+    out = {}
+    for name in TRACKED_LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    try:
+        import tensorrt  # noqa: F401  (only present on Jetson / CUDA hosts)
+
+        out["tensorrt"] = metadata.version("tensorrt")
+    except Exception:
+        out["tensorrt"] = None
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        p = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                           cwd=Path(__file__).resolve().parents[2])
+        return p.stdout.strip() or None if p.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_facts() -> dict:
+    return {"hostname": platform.node(), "system": platform.system(), "arch": platform.machine(),
+            "cpu": cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version()}
+
+
+def build_metadata() -> dict:
+    from edgemix import __version__
+
+    return {"edgemix": __version__, "git_commit": git_commit(), "libraries": library_versions(),
+            "machine": machine_facts(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def _ms(x) -> str:
+    return "-" if x is None else f"{x:.2f} ms"
+
+
+def render_markdown(r: dict) -> str:
+    d, lat = r["drift"], r["latency_ms"]
+    lines = [
+        f"# edgemix build: {r['model']} -> {r['target']} ({r['precision']})",
+        "",
+        f"Backend **{r['backend']}**, deployed runtime **{r['deployed']['runtime']}**, "
+        f"quantization: {r['quantization'].get('scheme', 'none')}.",
+        "",
+        "## Accuracy against the FP32 reference",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| samples | {d['samples']} ({r['evaluation']['data']}) |",
+        f"| reference top-1 ({r['reference']['device']}) | {_pct(r['reference']['top1'])} |",
+        f"| deployed top-1 | {_pct(r['deployed']['top1'])} |",
+        f"| top-1 change | {d['top1_delta']:+.2f} pts (95% CI {d['top1_delta_ci95'][0]:+.2f} .. {d['top1_delta_ci95'][1]:+.2f}) |",
+        f"| prediction agreement | {_pct(d['agreement'])} |",
+        f"| logit cosine (mean / min) | {d['cosine_mean']:.5f} / {d['cosine_min']:.5f} |",
+        f"| logit SQNR | {d['sqnr_db']:.1f} dB |",
+        "",
+        f"## Host latency (batch {lat['batch']}, {lat['threads']} threads, {lat['runs']} runs after {lat['warmup']} warm-up)",
+        "",
+        "| p50 | p90 | p99 | mean | std |",
+        "|---|---|---|---|---|",
+        f"| {_ms(lat['p50'])} | {_ms(lat['p90'])} | {_ms(lat['p99'])} | {_ms(lat['mean'])} | {_ms(lat['std'])} |",
+        "",
+    ]
+    cmp_ = r.get("fp32_comparison")
+    if cmp_:
+        verdict = "faster" if cmp_["int8_faster"] else "**NOT faster**"
+        lines += [f"INT8 vs the FP32 artifact of the same target: p50 {_ms(cmp_['fp32_p50_ms'])} (FP32) vs "
+                  f"{_ms(lat['p50'])} (INT8) = {cmp_['latency_ratio']:.2f}x, INT8 is {verdict}; size ratio "
+                  f"{cmp_['size_ratio']:.2f}x.", ""]
+        if cmp_.get("float_fallback"):
+            lines += ["Ops left in float: " + ", ".join(f"{k} x{v}" for k, v in cmp_["float_fallback"].items()), ""]
+    lines += ["## Files", "", "| file | bytes | sha256 |", "|---|---|---|"]
+    for role, f in r["artifact"]["files"].items():
+        lines.append(f"| {f['name']} ({role}) | {f['bytes']:,} | `{f['sha256'][:16]}` |")
+    lines += ["", "## Stages", "", "| stage | produced | seconds |", "|---|---|---|"]
+    for s in r["stages"]:
+        lines.append(f"| {s['name']} | {s['produced']} | {s['seconds']:.1f} |")
+    for key, title in (("delegation", "Delegation"), ("engine", "TensorRT engine"), ("compatibility", "TensorRT check")):
+        if key in r.get("details", {}):
+            lines += ["", f"## {title}", "", "```json", json.dumps(r["details"][key], indent=2, default=str)[:4000], "```"]
+    p = r["provenance"]
+    lines += ["", "## Provenance", "",
+              f"fingerprint `{p['fingerprint']}`; weights sha256 `{(p['weights_sha256'] or 'random-init')[:16]}`; "
+              f"calibration set sha256 `{p['calibration_sha256'][:16]}`; edgemix {p['edgemix']} "
+              f"(commit {p['git_commit'] or 'unknown'}); built {p['date']} on {p['machine']['cpu']}.", ""]
+    return "\n".join(lines)
