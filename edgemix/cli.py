@@ -263,6 +263,72 @@ def build_cmd(
                f"p50 {report['latency_ms']['p50']:.2f} ms; {report['artifact']['dir']}")
 
 
+@app.command("gate")
+@handles_errors
+def gate_cmd(
+    artifact: Path = typer.Argument(..., help="Artifact folder (or its report.json)."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="Baseline JSON to compare with."),
+    max_top1_drop: Optional[float] = typer.Option(None, "--max-top1-drop", help="Points (default: the target's)."),
+    min_agreement: Optional[float] = typer.Option(None, "--min-agreement", help="0..1 (default: the target's)."),
+    min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="0..1 (default: the target's)."),
+    max_latency_ratio: Optional[float] = typer.Option(None, "--max-latency-ratio",
+                                                      help="p50 / baseline p50 (default: the target's)."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML, one test case per check."),
+    update_baseline: bool = typer.Option(False, "--update-baseline",
+                                         help="Rewrite --baseline from this report (atomically) after checking."),
+):
+    """Exit 0 when every check passes, 1 when any fails, 2 for usage errors."""
+    from edgemix.errors import GateFailed, UsageError
+    from edgemix.verify import gate as g
+
+    report, file = g.read_report(artifact)
+    if update_baseline and baseline is None:
+        raise UsageError("--update-baseline needs --baseline FILE (where to write it)")
+    base = g.read_baseline(baseline) if baseline is not None and not update_baseline else None
+    if base is None and baseline is not None and update_baseline and baseline.is_file():
+        base = g.read_baseline(baseline)
+    checks = g.run_checks(report, base, max_top1_drop, min_agreement, max_latency_ratio, min_cosine)
+    if junit is not None:
+        g.write_junit(junit, checks, f"edgemix.gate.{report['model']}_{report.get('target_alias', report['target'])}")
+    for c in checks:
+        status = "PASS" if c.passed else "FAIL"
+        base_txt = f", baseline {c.baseline}" if c.baseline is not None else ""
+        typer.echo(f"{status}  {c.name}: {c.value} (budget {c.budget}{base_txt}) - {c.detail}")
+    failed = [c for c in checks if not c.passed]
+    if update_baseline:
+        g.update_baseline(baseline, report)
+        typer.echo(f"baseline written: {baseline}")
+    if failed:
+        raise GateFailed(f"gate failed for {file}: {len(failed)} of {len(checks)} checks failed "
+                         f"({', '.join(c.name for c in failed)})")
+    typer.echo(f"gate passed: {len(checks)} checks")
+
+
+@app.command("report")
+@handles_errors
+def report_cmd(
+    a: Path = typer.Argument(..., help="Artifact folder or report.json."),
+    b: Optional[Path] = typer.Argument(None, help="A second build to show side by side."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report(s) as JSON."),
+):
+    """Print one build, or two side by side (PTQ vs QAT, phone vs jetson, today vs baseline)."""
+    from edgemix.verify.compare import comparison_rows
+    from edgemix.verify.gate import read_report
+
+    reports = [read_report(a)[0]] + ([read_report(b)[0]] if b is not None else [])
+    if as_json:
+        typer.echo(json.dumps(reports if b is not None else reports[0], indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    headers, rows = comparison_rows(reports, [str(a)] + ([str(b)] if b is not None else []))
+    t = Table(*headers)
+    for r in rows:
+        t.add_row(*r)
+    Console(width=160).print(t)
+
+
 def main() -> None:
     try:
         app()

@@ -165,6 +165,12 @@ def _build_in(stage_dir, cfg, target, backend, recipe, model, spec, weights, cal
         options=dict(cfg.backend_options), stage=stages,
     )
     artifact = backend.build(job)
+    # Runtime-independent reference data for device runners (`edgemix bench`): inputs and the FP32
+    # reference's outputs for them, so every device can report its own drift.
+    ref_io = stage_dir / "reference_io.npz"
+    np.savez(ref_io, inputs=job.bundle_inputs.numpy(), outputs=ref_logits[:bundle_n],
+             labels=labels[:bundle_n])
+    artifact.files.setdefault("reference_io", ref_io)
 
     # ---------------------------------------------------------------- verify the written artifact
     t = time.perf_counter()

@@ -1,0 +1,168 @@
+"""`edgemix gate`: checks one build's report against budgets and an optional baseline.
+
+Accuracy checks state their sample count and 95% interval; the latency check compares medians of
+repeated runs and only fails beyond the noise measured in the same runs (half the interquartile
+range of each side), so a slow run on a shared machine is not a regression by itself.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
+
+from edgemix.errors import UsageError
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    value: float | str | None
+    budget: str
+    baseline: float | str | None
+    detail: str
+
+
+def load_schema() -> dict:
+    return json.loads(resources.files("edgemix.schemas").joinpath("report.schema.json").read_text())
+
+
+def validate_report(report: dict, source: str) -> None:
+    import jsonschema
+
+    try:
+        jsonschema.validate(report, load_schema())
+    except jsonschema.ValidationError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
+        raise UsageError(f"{source} does not match the edgemix report schema v1 at {where}: {e.message}",
+                         hint="rebuild it with this edgemix version") from None
+
+
+def read_report(path: str | Path) -> tuple[dict, Path]:
+    """A report from an artifact folder or a report.json path, validated."""
+    path = Path(path)
+    file = path / "report.json" if path.is_dir() else path
+    if not file.is_file():
+        raise UsageError(f"no build report at {file}", hint="run `edgemix build` first, or pass the artifact folder")
+    try:
+        report = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{file} is not readable JSON: {e}") from None
+    if not isinstance(report, dict):
+        raise UsageError(f"{file} is not an edgemix report (top level is {type(report).__name__})")
+    if report.get("schema_version") != 1:
+        raise UsageError(f"{file} has schema_version {report.get('schema_version')!r}; this edgemix reads 1")
+    validate_report(report, str(file))
+    return report, file
+
+
+BASELINE_KEYS = ("schema_version", "model", "target", "backend", "precision", "quantization", "evaluation",
+                 "reference", "deployed", "drift", "latency_ms", "fp32_comparison", "artifact", "provenance")
+
+
+def baseline_of(report: dict) -> dict:
+    """What a baseline keeps of a report: its metrics and provenance (not stages or details)."""
+    return {k: report[k] for k in BASELINE_KEYS if k in report}
+
+
+def run_checks(report: dict, baseline: dict | None, max_top1_drop: float | None = None,
+               min_agreement: float | None = None, max_latency_ratio: float | None = None,
+               min_cosine: float | None = None) -> list[Check]:
+    b = report["budget"]
+    max_top1_drop = b["max_top1_drop"] if max_top1_drop is None else max_top1_drop
+    min_agreement = b["min_agreement"] if min_agreement is None else min_agreement
+    min_cosine = b["min_cosine"] if min_cosine is None else min_cosine
+    max_latency_ratio = b["max_latency_ratio"] if max_latency_ratio is None else max_latency_ratio
+    d, lat = report["drift"], report["latency_ms"]
+    n = d["samples"]
+    base_d = baseline["drift"] if baseline else None
+    checks = []
+
+    drop = -d["top1_delta"]
+    lo, hi = d["top1_delta_ci95"]
+    checks.append(Check(
+        "top1_drop_vs_fp32", drop <= max_top1_drop, round(drop, 3), f"<= {max_top1_drop} pts",
+        round(-base_d["top1_delta"], 3) if base_d else None,
+        f"top-1 {100 * report['reference']['top1']:.2f}% (FP32) -> {100 * report['deployed']['top1']:.2f}% on "
+        f"{n} images; change 95% CI {lo:+.2f} .. {hi:+.2f} pts"))
+    a_lo, a_hi = d["agreement_ci95"]
+    checks.append(Check(
+        "agreement", d["agreement"] >= min_agreement, round(d["agreement"], 5), f">= {min_agreement}",
+        base_d["agreement"] if base_d else None, f"{n} images; 95% CI {a_lo:.4f} .. {a_hi:.4f}"))
+    checks.append(Check(
+        "cosine_mean", d["cosine_mean"] >= min_cosine, round(d["cosine_mean"], 5), f">= {min_cosine}",
+        base_d["cosine_mean"] if base_d else None, f"mean logit cosine over {n} images"))
+    for isa in report.get("isa_drift", {}).get("profiles", []):
+        if isa.get("trusted", True) and "agreement" in isa:
+            checks.append(Check(
+                f"agreement_{isa['arch']}_{isa['cpu']}", isa["agreement"] >= min_agreement, round(isa["agreement"], 5),
+                f">= {min_agreement}", None, f"{isa['samples']} images on {isa['arch']} -cpu {isa['cpu']}"))
+    cmp_ = report.get("fp32_comparison")
+    if cmp_ and b.get("int8_must_be_faster", True):
+        fallback = ", ".join(f"{k} x{v}" for k, v in (cmp_.get("float_fallback") or {}).items()) or "none"
+        checks.append(Check(
+            "int8_faster_than_fp32", bool(cmp_["int8_faster"]), round(cmp_["latency_ratio"], 3),
+            "< 1.0x the FP32 artifact beyond noise", None,
+            f"p50 {lat['p50']:.2f} ms (INT8) vs {cmp_['fp32_p50_ms']:.2f} ms (FP32); ops left in float: {fallback}"))
+    if baseline:
+        base_top1 = baseline["deployed"]["top1"]
+        drop_b = 100 * (base_top1 - report["deployed"]["top1"])
+        checks.append(Check(
+            "top1_drop_vs_baseline", drop_b <= max_top1_drop, round(drop_b, 3), f"<= {max_top1_drop} pts",
+            round(100 * base_top1, 3), f"deployed top-1 {100 * report['deployed']['top1']:.2f}% vs baseline "
+                                       f"{100 * base_top1:.2f}% ({n} vs {baseline['drift']['samples']} images)"))
+        blat = baseline["latency_ms"]
+        noise = lat.get("noise_ms", 0.0) + blat.get("noise_ms", 0.0)
+        limit = blat["p50"] * max_latency_ratio + noise
+        checks.append(Check(
+            "latency_p50_vs_baseline", lat["p50"] <= limit, round(lat["p50"] / blat["p50"], 3),
+            f"<= {max_latency_ratio}x baseline + noise {noise:.2f} ms", round(blat["p50"], 3),
+            f"p50 {lat['p50']:.2f} ms vs baseline {blat['p50']:.2f} ms over {lat['runs']} / {blat['runs']} runs"))
+    return checks
+
+
+def write_junit(path: Path, checks: list[Check], suite: str) -> None:
+    failures = sum(not c.passed for c in checks)
+    lines = ['<?xml version="1.0" encoding="UTF-8"?>',
+             f'<testsuite name={quoteattr(suite)} tests="{len(checks)}" failures="{failures}" errors="0">']
+    for c in checks:
+        lines.append(f'  <testcase classname={quoteattr(suite)} name={quoteattr(c.name)}>')
+        msg = f"{c.name} = {c.value}, budget {c.budget}, baseline {c.baseline}"
+        if not c.passed:
+            lines.append(f'    <failure message={quoteattr(msg)}>{escape(c.detail)}</failure>')
+        lines.append(f"    <system-out>{escape(msg + '; ' + c.detail)}</system-out>")
+        lines.append("  </testcase>")
+    lines.append("</testsuite>")
+    _atomic_write(path, "\n".join(lines) + "\n")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def update_baseline(path: Path, report: dict) -> None:
+    _atomic_write(path, json.dumps(baseline_of(report), indent=2, default=str) + "\n")
+
+
+def read_baseline(path: Path) -> dict:
+    if not Path(path).is_file():
+        raise UsageError(f"baseline {path} does not exist", hint="create it with --update-baseline")
+    try:
+        base = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"baseline {path} is not readable JSON: {e}") from None
+    missing = [k for k in ("schema_version", "drift", "deployed", "latency_ms") if k not in base]
+    if missing or base.get("schema_version") != 1:
+        raise UsageError(f"baseline {path} is not an edgemix v1 baseline (missing {', '.join(missing) or 'version 1'})")
+    return base
+
+
+def as_dicts(checks: list[Check]) -> list[dict]:
+    return [asdict(c) for c in checks]
