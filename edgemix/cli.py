@@ -313,9 +313,9 @@ def report_cmd(
 ):
     """Print one build, or two side by side (PTQ vs QAT, phone vs jetson, today vs baseline)."""
     from edgemix.verify.compare import comparison_rows
-    from edgemix.verify.gate import read_report
+    from edgemix.verify.gate import read_report_or_baseline
 
-    reports = [read_report(a)[0]] + ([read_report(b)[0]] if b is not None else [])
+    reports = [read_report_or_baseline(a)] + ([read_report_or_baseline(b)] if b is not None else [])
     if as_json:
         typer.echo(json.dumps(reports if b is not None else reports[0], indent=2, default=str))
         return

@@ -164,5 +164,16 @@ def read_baseline(path: Path) -> dict:
     return base
 
 
+def read_report_or_baseline(path: str | Path) -> dict:
+    """`edgemix report` shows full reports and the baselines trimmed from them alike."""
+    path = Path(path)
+    if path.is_file() and path.name != "report.json":
+        try:
+            return read_report(path)[0]
+        except UsageError:
+            return read_baseline(path)
+    return read_report(path)[0]
+
+
 def as_dicts(checks: list[Check]) -> list[dict]:
     return [asdict(c) for c in checks]

@@ -1,0 +1,174 @@
+"""Host benchmark suite: every runtime path on the same inputs, in one run, interleaved.
+
+    .venv/bin/python bench/suite.py                       # s16 + fmnist, batch 1 and 8
+    .venv/bin/python bench/suite.py --models s16 --batches 1 --runs 20
+    .venv/bin/python bench/suite.py --scale               # also b16 and l16, batch 1 (slow)
+
+Paths: torch eager FP32, onnxruntime FP32, onnxruntime on the jetson QDQ ONNX, ExecuTorch FP32
+.pte, ExecuTorch INT8 .pte. Each path is built with edgemix's own backends, then all paths are
+timed round-robin (one run of each in turn) so that machine noise hits all alike; medians and
+p90 of the timed runs after warm-up, ratios against torch eager FP32. Builds run in a child
+process each so that their peak RSS is measured separately from inference.
+Writes bench/results/suite.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PATHS = [  # (name, backend, precision)
+    ("torch eager fp32", None, "fp32"),
+    ("onnxruntime fp32", "tensorrt", "fp32"),
+    ("onnxruntime int8 qdq", "tensorrt", "int8"),
+    ("executorch fp32", "executorch", "fp32"),
+    ("executorch int8", "executorch", "int8"),
+]
+
+
+def _target_for(backend: str, batch: int, threads: int):
+    from edgemix.config import resolve_target
+
+    t = resolve_target("jetson" if backend == "tensorrt" else "phone")
+    return t.model_copy(update={"batch_sizes": [batch], "threads": threads})
+
+
+def _model(alias: str):
+    from edgemix.models import load_model
+
+    model, _ = load_model(alias, allow_random=True)
+    return model
+
+
+def _build_child(args) -> dict:
+    """Runs in a fresh process: build one artifact, report its files, build time and peak RSS."""
+    alias, backend_name, precision, batch, threads, out_dir, calib_images = args
+    torch.set_num_threads(threads)
+    from edgemix.backends.base import BuildJob, get_backend
+    from edgemix.config import resolve_recipe
+    from edgemix.data import load_dataset, stratified_indices, to_model_input
+
+    model = _model(alias)
+    recipe = resolve_recipe("default").model_copy(update={"images": calib_images})
+    calib = load_dataset(recipe.data, recipe.split)
+    calib = calib.subset(stratified_indices(calib.labels, recipe.images, recipe.seed))
+    backend = get_backend(backend_name)
+    t = time.perf_counter()
+    art = backend.build(BuildJob(
+        model=model, spec=model.spec, target=_target_for(backend_name, batch, threads), precision=precision,
+        recipe=recipe, calib_inputs=to_model_input(calib.images, model.spec), stage_dir=Path(out_dir),
+        basename=f"{alias}_{backend_name}_{precision}_b{batch}"))
+    return {"files": {k: str(v) for k, v in art.files.items()}, "runtime": art.runtime,
+            "batch_size": art.batch_size, "dynamic_batch": art.dynamic_batch, "quantization": art.quantization,
+            "details": art.details, "build_s": time.perf_counter() - t,
+            "build_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "bytes": Path(art.files["model"]).stat().st_size}
+
+
+def run(models, batches, runs, warmup, threads, calib_images, paths) -> dict:
+    from edgemix.backends.base import BuiltArtifact, get_backend
+    from edgemix.verify.latency import measure_interleaved, summarize
+
+    torch.set_num_threads(threads)
+    results = {"threads": threads, "runs": runs, "warmup": warmup, "calib_images": calib_images,
+               "machine": __import__("edgemix.verify.report", fromlist=["machine_facts"]).machine_facts(),
+               "cases": []}
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="edgemix-bench-") as tmp:
+        for alias in models:
+            model = _model(alias)
+            for batch in batches:
+                x = torch.randn(batch, model.spec.in_chans, model.spec.img_size, model.spec.img_size)
+                xn = x.numpy()
+                fns, info = {}, {}
+                for name, backend_name, precision in paths:
+                    if backend_name is None:
+                        def eager(inp, m=model):
+                            with torch.no_grad():
+                                return m(torch.from_numpy(inp))
+                        fns[name] = eager
+                        info[name] = {"build_s": 0.0, "bytes": sum(p.numel() * 4 for p in model.parameters())}
+                        continue
+                    out_dir = Path(tmp) / f"{alias}_{batch}_{backend_name}_{precision}"
+                    out_dir.mkdir()
+                    with ctx.Pool(1) as pool:
+                        built = pool.apply(_build_child, ((alias, backend_name, precision, batch, threads,
+                                                           str(out_dir), calib_images),))
+                    art = BuiltArtifact(files={k: Path(v) for k, v in built["files"].items()},
+                                        runtime=built["runtime"], batch_size=built["batch_size"],
+                                        dynamic_batch=built["dynamic_batch"])
+                    fns[name] = get_backend(backend_name).load_predictor(art, threads)
+                    info[name] = {k: built[k] for k in ("build_s", "build_peak_rss_mb", "bytes")}
+                    print(f"  built {alias} b{batch} {name} in {built['build_s']:.1f} s", flush=True)
+                samples = measure_interleaved(fns, xn, warmup, runs)
+                eager_p50 = summarize(samples["torch eager fp32"], batch)["p50"] if "torch eager fp32" in samples else None
+                ort_fp32 = summarize(samples["onnxruntime fp32"], batch)["p50"] if "onnxruntime fp32" in samples else None
+                for name, s in samples.items():
+                    lat = summarize(s, batch)
+                    case = {"model": alias, "batch": batch, "path": name, "p50_ms": lat["p50"], "p90_ms": lat["p90"],
+                            "per_image_ms": lat["p50"] / batch,
+                            "ratio_vs_torch_eager": lat["p50"] / eager_p50 if eager_p50 else None,
+                            "ratio_vs_ort_fp32": lat["p50"] / ort_fp32 if ort_fp32 and "onnxruntime" in name else None,
+                            **info[name]}
+                    results["cases"].append(case)
+                results.setdefault("inference_peak_rss_mb", {})[f"{alias}_b{batch}"] = \
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                del fns
+    return results
+
+
+def print_table(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("model", "batch", "path", "p50 ms", "p90 ms", "ms/image", "vs eager", "vs ORT fp32", "size MB",
+              "build s", "build RSS MB", title=f"edgemix host suite ({results['threads']} threads, "
+                                                 f"{results['runs']} interleaved runs after {results['warmup']} warm-up)")
+    for c in results["cases"]:
+        t.add_row(c["model"], str(c["batch"]), c["path"], f"{c['p50_ms']:.2f}", f"{c['p90_ms']:.2f}",
+                  f"{c['per_image_ms']:.2f}", f"{c['ratio_vs_torch_eager']:.2f}x" if c["ratio_vs_torch_eager"] else "-",
+                  f"{c['ratio_vs_ort_fp32']:.2f}x" if c["ratio_vs_ort_fp32"] else "-", f"{c['bytes'] / 2**20:.1f}",
+                  f"{c['build_s']:.1f}", f"{c.get('build_peak_rss_mb', 0):.0f}" if c.get("build_peak_rss_mb") else "-")
+    Console(width=170).print(t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["s16", "fmnist"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--calib-images", type=int, default=128)
+    ap.add_argument("--scale", action="store_true", help="also run b16 and l16 at batch 1")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "suite.json")
+    a = ap.parse_args()
+    results = run(a.models, a.batches, a.runs, a.warmup, a.threads, a.calib_images, PATHS)
+    if a.scale:
+        scale = run(["b16", "l16"], [1], max(5, a.runs // 4), 2, a.threads, 64, PATHS)
+        results["scale"] = scale["cases"]
+        results["scale_inference_peak_rss_mb"] = scale["inference_peak_rss_mb"]
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = a.out.with_name(f".{a.out.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(a.out)
+    print_table(results)
+    if "scale" in results:
+        print_table({**results, "cases": results["scale"]})
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
