@@ -31,11 +31,12 @@ def example_input(spec, batch: int) -> torch.Tensor:
 
 
 def export_onnx(model: torch.nn.Module, spec, *, batch: int, dynamic_batch: bool, opset: int,
-                simplify: bool = True) -> onnx.ModelProto:
+                simplify: bool = True, check: bool = True) -> onnx.ModelProto:
     """Trace ``model`` (FP32 or holding torch FakeQuantize modules) to a checked ONNX model.
 
     The input is named ``input`` (N, C, H, W) and the output ``logits``; with ``dynamic_batch`` the
     first axis of both is the symbolic ``batch`` (bounded later by the TensorRT profile).
+    ``check=False`` is for callers that rewrite the graph and check the result themselves.
     """
     model = model.eval()
     dynamic_axes = {INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}} if dynamic_batch else None
@@ -52,7 +53,8 @@ def export_onnx(model: torch.nn.Module, spec, *, batch: int, dynamic_batch: bool
     proto.producer_name = "edgemix"
     if simplify:
         proto = simplify_onnx(proto)
-    check_onnx(proto)
+    if check:
+        check_onnx(proto)
     return proto
 
 
