@@ -207,6 +207,16 @@ def test_fp16_build_is_plain_fp32_onnx(fmnist, data, tmp_path):
     np.testing.assert_allclose(pred(data["eval"][:16].numpy()), ref, rtol=1e-4, atol=1e-5)  # fp32 vs fp32
 
 
+def test_backend_options():
+    from edgemix.backends.tensorrt import qdq_settings
+
+    s = qdq_settings({"keep_fp32": "head, blocks.0.mlp_tokens.fc2", "smooth_quant": "0.5", "bias_correction": "true"})
+    assert s.keep_fp32 == ("head", "blocks.0.mlp_tokens.fc2") and s.smooth_quant == 0.5 and s.bias_correction
+    assert qdq_settings({}) == qdq.QDQSettings()
+    with pytest.raises(UsageError, match="keep_fp32"):
+        qdq_settings({"keep_fp23": ["head"]})
+
+
 def test_request_checks():
     backend, target = get_backend("tensorrt"), resolve_target("jetson")
     with pytest.raises(UsageError, match="precision"):
@@ -257,29 +267,31 @@ def test_sensitivity_ranks_layers_and_fallback_meets_budget(int8_build, fmnist, 
     _, art, _ = int8_build
     proto = onnx.load(str(art.files["model"]))
     x = data["eval"][:64]
-    rows = sensitivity.rank_layers(proto, fmnist, x)
-    assert sorted(r.layer for r in rows) == sorted(qdq.quantizable_layers(fmnist))
-    assert [r.drift for r in rows] == sorted((r.drift for r in rows), reverse=True)
-    assert rows[0].drift > 0 and "| 1 |" in sensitivity.format_table(rows)
-    # with every layer's Q/DQ removed the graph is the FP32 model again (weights restored): fp32 vs fp32
-    plain = sensitivity.strip_qdq(proto, [r.layer for r in rows], fmnist.state_dict())
-    assert not {"QuantizeLinear", "DequantizeLinear"} & set(op_counts(plain))
     with torch.no_grad():
         ref = fmnist(x).numpy()
-    np.testing.assert_allclose(OnnxRuntimePredictor(plain, 2, 1, True)(x.numpy()), ref, rtol=1e-5, atol=1e-5)
 
-    # a budget the full-INT8 graph misses on purpose (cosine above what it reaches), met once the
-    # most sensitive layers are FP32: the fallback keeps them in ranking order and stops there
-    def evaluate(pred):
+    def evaluate(pred):  # what the pipeline passes: its drift measurement on a predictor
         out = batched_predict(pred, x.numpy())
         return {"cosine_mean": float(cosines(out, ref).mean()),
                 "agreement": float((out.argmax(1) == ref.argmax(1)).mean())}
 
+    # a budget the full-INT8 graph misses on purpose (cosine above what it reaches), met once the
+    # most sensitive layers are FP32: the fallback keeps them in ranking order and stops there
     full = evaluate(OnnxRuntimePredictor(proto, 2, 1, True))["cosine_mean"]
     budget = DriftBudget(min_cosine=1 - (1 - full) / 2, min_agreement=0.0)
-    result = sensitivity.fallback_to_budget(proto, rows, budget, evaluate, fp32_model=fmnist)
-    assert result.met and result.keep_fp32 == [r.layer for r in rows[:len(result.keep_fp32)]]
-    assert 1 <= len(result.keep_fp32) < len(rows) and not result.steps[0]["met"]
+    result = sensitivity.plan_fallback(art.files["model"], fmnist, x, budget, evaluate)
+    ranked = [r["layer"] for r in result["ranking"]]
+    drifts = [r["drift"] for r in result["ranking"]]
+    assert sorted(ranked) == sorted(qdq.quantizable_layers(fmnist))
+    assert drifts == sorted(drifts, reverse=True) and drifts[0] > 0 and "| 1 |" in result["table_md"]
+    assert result["met"] and result["keep_fp32"] == ranked[:len(result["keep_fp32"])]
+    assert 1 <= len(result["keep_fp32"]) < len(ranked) and not result["steps"][0]["met"]
+    assert result["steps"][-1]["cosine_mean"] >= budget.min_cosine
+
+    # with every layer's Q/DQ removed the graph is the FP32 model again (weights restored): fp32 vs fp32
+    plain = sensitivity.strip_qdq(proto, ranked, fmnist.state_dict())
+    assert not {"QuantizeLinear", "DequantizeLinear"} & set(op_counts(plain))
+    np.testing.assert_allclose(OnnxRuntimePredictor(plain, 2, 1, True)(x.numpy()), ref, rtol=1e-5, atol=1e-5)
     assert sensitivity.meets_budget({"top1_delta": -0.5, "agreement": 0.99, "cosine_mean": 0.999}, DriftBudget())
     assert not sensitivity.meets_budget({"top1_delta": -1.5}, DriftBudget())
 

@@ -225,9 +225,7 @@ class TensorRTBackend(Backend):
         onnx_path = stage_dir / f"{job.basename}{self.artifact_suffix}"
         quant: dict = {"scheme": "fp32 weights and activations (TensorRT builder decides fp16 when asked)"}
         if job.precision == "int8":
-            settings = qdq.QDQSettings(keep_fp32=tuple(job.options.get("keep_fp32", ())),
-                                       smooth_quant=job.options.get("smooth_quant"),
-                                       bias_correction=bool(job.options.get("bias_correction", False)))
+            settings = qdq_settings(job.options)
             t0 = time.perf_counter()
             qmodel = qdq.quantize_ptq(job.model, job.calib_inputs, job.recipe, settings)
             job.stage("calibrate", f"INT8 ranges from {len(job.calib_inputs)} images ({quant_observer(job)})",
@@ -298,6 +296,30 @@ class TensorRTBackend(Backend):
 
     def load_predictor(self, artifact: BuiltArtifact, threads: int) -> OnnxRuntimePredictor:
         return OnnxRuntimePredictor(artifact.files["model"], threads, artifact.batch_size, artifact.dynamic_batch)
+
+
+OPTIONS = ("keep_fp32", "smooth_quant", "bias_correction")
+
+
+def qdq_settings(options: dict):
+    """BuildJob.options -> QDQSettings; values may be typed or strings (``key=value`` on a command line).
+
+    keep_fp32: layer names (list or comma-separated), e.g. from sensitivity.fallback_to_budget;
+    smooth_quant: SmoothQuant alpha (off when absent); bias_correction: NNCF fast bias correction.
+    """
+    from edgemix.errors import unknown_choice
+    from edgemix.quant.qdq import QDQSettings
+
+    for key in options:
+        if key not in OPTIONS:
+            raise unknown_choice("tensorrt backend option", key, OPTIONS)
+    keep = options.get("keep_fp32", ())
+    keep = [k.strip() for k in keep.split(",") if k.strip()] if isinstance(keep, str) else list(keep)
+    alpha = options.get("smooth_quant")
+    flag = options.get("bias_correction", False)
+    flag = flag.strip().lower() in ("1", "true", "yes", "on") if isinstance(flag, str) else bool(flag)
+    return QDQSettings(keep_fp32=tuple(keep), smooth_quant=None if alpha in (None, "") else float(alpha),
+                       bias_correction=flag)
 
 
 def _float_ops(proto) -> dict[str, int]:

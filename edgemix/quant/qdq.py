@@ -67,17 +67,21 @@ def _use_eager_quant_kernels() -> None:
 
 @contextlib.contextmanager
 def _nncf_quietly():
-    """NNCF prints its own rich bars on stdout and INFO logs; edgemix shows one progress bar instead."""
-    import nncf
+    """NNCF prints its own rich bars on stdout and INFO logs; edgemix shows one progress bar instead.
 
-    logger = logging.getLogger("nncf")
-    level = logger.level
-    nncf.set_log_level(logging.ERROR)
+    nncf.strip also imports torchao, which warns that its CUDA-only kernels (mxfp8, cutlass) do not
+    load on this CPU build and trips a torch pytree deprecation notice: noise for an INT8 export.
+    """
+    loggers = [logging.getLogger(n) for n in ("nncf", "torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
-        logger.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _advanced(recipe, settings: QDQSettings):

@@ -250,3 +250,16 @@ def fallback_to_budget(proto: onnx.ModelProto, ranking: list[LayerSensitivity], 
         if met:
             return FallbackResult(keep, True, steps, candidate)
     return FallbackResult(order[:limit], False, steps, candidate)
+
+
+def plan_fallback(model, fp32_model: torch.nn.Module, inputs, budget, evaluate: Callable[[object], dict], *,
+                  threads: int = 2, max_layers: int | None = None) -> dict:
+    """The pipeline's one call: rank the layers of a built QDQ ONNX (path or ModelProto) on ``inputs``
+    (a few dozen model-ready images), then find the FP32 layers that meet ``budget``. Returns
+    ``{"keep_fp32", "met", "steps", "ranking", "table_md"}``; rebuild with
+    ``BuildJob.options["keep_fp32"] = result["keep_fp32"]`` when it is not empty."""
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+    ranking = rank_layers(proto, fp32_model, inputs, threads)
+    result = fallback_to_budget(proto, ranking, budget, evaluate, fp32_model=fp32_model, threads=threads,
+                                max_layers=max_layers)
+    return {**result.to_dict(), "ranking": table_dicts(ranking), "table_md": format_table(ranking)}
