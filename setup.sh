@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# System packages: the full Fashion-MNIST set (the repo ships a sample, so this is optional).
-SYSTEM_PACKAGES="dataset-fashion-mnist"
+# System packages: the full Fashion-MNIST set (optional: a sample ships), the OpenSSH client for
+# `edgemix bench` over ssh and sshd, which the runner tests start on 127.0.0.1 themselves.
+SYSTEM_PACKAGES="dataset-fashion-mnist openssh-client openssh-server"
 if command -v apt-get >/dev/null 2>&1; then
   missing=$(for p in $SYSTEM_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
   if [ -n "$missing" ]; then

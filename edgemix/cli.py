@@ -329,6 +329,58 @@ def report_cmd(
     Console(width=160).print(t)
 
 
+@app.command("bench")
+@handles_errors
+def bench_cmd(
+    artifact: Optional[Path] = typer.Argument(None, help="Artifact folder (default: artifacts/{model}_{target}_{precision})."),
+    target: str = typer.Option(..., "--target", "-t", help="jetson (ssh), phone (adb), host (this machine) or a profile."),
+    host: Optional[str] = typer.Option(None, "--host", help="ssh targets: USER@HOST of the device."),
+    port: int = typer.Option(22, "--port", help="ssh port."),
+    identity: Optional[Path] = typer.Option(None, "--identity", "-i", help="ssh private key (default: ssh's own choice)."),
+    python: Optional[str] = typer.Option(None, "--python", help="Interpreter that runs the device script (ssh default: "
+                                                                "python3 on the device; host: this one)."),
+    known_hosts: Optional[Path] = typer.Option(None, "--known-hosts",
+                                               help="known_hosts file for device keys (default: ~/.config/edgemix/known_hosts)."),
+    serial: Optional[str] = typer.Option(None, "--serial", "-s", help="adb serial (default: the only device attached)."),
+    runner_path: Optional[Path] = typer.Option(None, "--runner-path",
+                                               help="adb targets: ExecuTorch's executor_runner built for the phone."),
+    model: str = typer.Option("fmnist", "--model", "-m", help="Names the default artifact folder (with --precision)."),
+    precision: Optional[str] = typer.Option(None, help="Names the default artifact folder (default: the target's)."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="Warm-up runs (default: the target's runner.warmup)."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", "-n",
+                                             help="Timed runs per batch size (default: the target's runner.iterations)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads on the device (default: the target's)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per remote step (default: runner.timeout_s)."),
+    remote_dir: Optional[str] = typer.Option(None, "--remote-dir", help="Working folder on the device (default: the target's)."),
+    merge: bool = typer.Option(True, "--merge/--no-merge", help="Write the result into report.json under 'bench'."),
+    as_json: bool = typer.Option(False, "--json", help="Print the BenchResult as JSON instead of a table."),
+    quiet: bool = QuietOpt,
+):
+    """Run a built artifact on the device: latency per batch size and on-device drift, merged into report.json."""
+    _set_quiet(quiet)
+    from edgemix.config import resolve_target
+    from edgemix.runners import bench, render
+
+    if artifact is None:
+        from edgemix.models import resolve_spec
+        from edgemix.pipeline import default_out
+
+        profile = resolve_target(target)
+        artifact = default_out(resolve_spec(model).name, profile, precision or profile.default_precision, False)
+    result = bench(target, artifact, host=host, port=port, identity=identity, python=python, known_hosts=known_hosts,
+                   serial=serial, runner_path=runner_path, warmup=warmup, iterations=iterations, threads=threads,
+                   timeout_s=timeout, remote_dir=remote_dir, merge=merge)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
+        return
+    if not quiet:
+        render(result)
+    lat, d = result.latency_ms, result.drift
+    typer.echo(f"{result.endpoint}: p50 {lat['p50']:.3f} ms, p90 {lat['p90']:.3f} ms (batch {lat['batch']}, "
+               f"{lat['runs']} runs)" + (f", agreement {100 * d['agreement']:.1f}% on {d['samples']} reference images"
+                                         if d else "") + (f"; merged into {artifact}/report.json" if merge else ""))
+
+
 def main() -> None:
     try:
         app()

@@ -62,6 +62,19 @@ class Stages:
         console.stage_line(name, produced, seconds, size)
 
 
+def paired_speed_test(fast: list[float], slow: list[float]) -> dict:
+    """Is the first path faster? Runs were interleaved, so round i of each saw the same machine
+    state: a one-sided sign test on the paired rounds (p < 0.05) is robust to the noise of shared
+    machines where a single timing or overlapping spreads are not."""
+    from math import comb
+
+    n = len(fast)
+    wins = sum(f < s for f, s in zip(fast, slow))
+    p_value = sum(comb(n, k) for k in range(wins, n + 1)) / 2**n
+    return {"int8_faster": bool(np.median(fast) < np.median(slow) and p_value < 0.05),
+            "paired_rounds": n, "int8_wins": wins, "sign_test_p": p_value}
+
+
 def _fingerprint(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -204,7 +217,7 @@ def _build_in(stage_dir, cfg, target, backend, recipe, model, spec, weights, cal
         comparison = {
             "fp32_p50_ms": fp32_lat["p50"], "fp32_p90_ms": fp32_lat["p90"], "fp32_noise_ms": fp32_lat["noise_ms"],
             "latency_ratio": latency["p50"] / fp32_lat["p50"],
-            "int8_faster": latency["p50"] + latency["noise_ms"] < fp32_lat["p50"] - fp32_lat["noise_ms"],
+            **paired_speed_test(samples["deployed"], samples["fp32"]),
             "fp32_bytes": fp32_bytes, "size_ratio": model_file.stat().st_size / fp32_bytes,
             "float_fallback": artifact.details.get("float_ops", {}),
         }
