@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 # System packages: the full Fashion-MNIST set (optional: a sample ships), the OpenSSH client for
-# `edgemix bench` over ssh and sshd, which the runner tests start on 127.0.0.1 themselves.
-SYSTEM_PACKAGES="dataset-fashion-mnist openssh-client openssh-server"
+# `edgemix bench` over ssh and sshd, which the runner tests start on 127.0.0.1 themselves; g++, the
+# arm64 cross compiler and qemu-user for the native ExecuTorch runners (phone drift on arm64 kernels).
+SYSTEM_PACKAGES="dataset-fashion-mnist openssh-client openssh-server g++ g++-aarch64-linux-gnu qemu-user-static"
 if command -v apt-get >/dev/null 2>&1; then
   missing=$(for p in $SYSTEM_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
   if [ -n "$missing" ]; then

@@ -235,6 +235,8 @@ def build_cmd(
                                         help="Build a model without trained weights (latency/size work only)."),
     compare_fp32: bool = typer.Option(True, "--compare-fp32/--no-compare-fp32",
                                       help="Also build the FP32 artifact and check that INT8 is faster."),
+    isa_check: bool = typer.Option(True, "--isa-check/--no-isa-check",
+                                   help="Phone targets: also verify on arm64 kernels under qemu (the profile's CPUs)."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if the fingerprint is unchanged."),
     quiet: bool = QuietOpt,
 ):
@@ -252,7 +254,7 @@ def build_cmd(
         random_weights=random_weights, image_size=image_size, num_classes=num_classes, reset_head=reset_head,
         calib=calib, qat_epochs=qat_epochs, train_data=train_data or _default_train_data(), qat_lr=qat_lr,
         eval_data=eval_data, eval_limit=eval_limit, threads=threads, latency_runs=latency_runs,
-        compare_fp32=compare_fp32, out=str(out or default_out(spec.name, profile, prec, qat_epochs > 0)),
+        compare_fp32=compare_fp32, isa_check=isa_check, out=str(out or default_out(spec.name, profile, prec, qat_epochs > 0)),
         force=force,
     )
     report = build(cfg)

@@ -193,6 +193,7 @@ class BuildConfig(_Strict):
     latency_runs: int = Field(30, ge=3)
     threads: int | None = Field(None, ge=1)
     compare_fp32: bool = True
+    isa_check: bool = True
     out: str
     force: bool = False
     reference_device: Literal["auto", "cpu", "cuda"] = "auto"

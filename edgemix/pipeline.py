@@ -101,6 +101,11 @@ def build(cfg: BuildConfig) -> dict:
     target = resolve_target(cfg.target)
     backend = get_backend(target.backend)
     backend.check_request(target, cfg.precision, cfg.qat_epochs)
+    if cfg.isa_check and target.backend == "executorch" and target.executorch.isa_profiles:
+        from edgemix import native
+
+        for arch in {native.host_arch(), "aarch64"}:
+            native.check_toolchain(arch)  # a missing cross compiler or qemu fails before any work
     recipe = resolve_recipe(cfg.calib)
     from edgemix.models import load_model
 
@@ -153,6 +158,37 @@ def build(cfg: BuildConfig) -> dict:
     console.stage_line("report", f"{out}/report.json, report.md, config.resolved.toml",
                        time.perf_counter() - t_start)
     return report
+
+
+def _isa_drift(cfg, target, artifact, eval_inputs, ref_logits, labels, stages) -> dict | None:
+    """Drift of the written .pte on the phone's instruction set: the native runner on arm64 kernels
+    under qemu, one run per CPU profile of the target, plus the same runner natively on this host.
+    Profiles whose emulated matrix instructions fail the runner's self-test are reported as
+    untrusted (their figures measure the emulator) and the gate ignores them."""
+    profiles = target.executorch.isa_profiles if target.backend == "executorch" else []
+    if not (cfg.isa_check and profiles):
+        return None
+    from edgemix import native
+
+    t = time.perf_counter()
+    n = min(target.executorch.isa_eval_images, len(eval_inputs))
+    x, ref, lab = eval_inputs[:n].numpy(), ref_logits[:n], labels[:n]
+    rows = []
+    host_out, host_run = native.run_pte(artifact.files["model"], x, arch=native.host_arch())
+    runs = {(native.host_arch(), None): (host_out, host_run, True, "native run: nothing is emulated")}
+    for cpu, pr in native.run_profiles(artifact.files["model"], x, profiles).items():
+        runs[("aarch64", cpu)] = (pr.outputs, pr.run, pr.trust.trusted, pr.trust.reason)
+    for (arch, cpu), (out, run, trusted, reason) in runs.items():
+        d = drift_metrics(ref, out, lab)
+        rows.append({"arch": arch, "cpu": cpu or "native", "emulated": run.emulated, "trusted": trusted,
+                     "reason": reason, "samples": n, "agreement": d["agreement"], "top1_delta": d["top1_delta"],
+                     "cosine_mean": d["cosine_mean"], "sqnr_db": d["sqnr_db"],
+                     "max_abs_vs_host": float(np.abs(out - host_out).max()),
+                     "ms_per_image": run.median_ms_per_image, "cpu_features": run.cpu_features})
+    summary = ", ".join(f"{r['arch']}/{r['cpu']} agreement {100 * r['agreement']:.1f}%"
+                        + ("" if r["trusted"] else " (UNTRUSTED emulator)") for r in rows)
+    stages("isa", f"native runner on {n} images: {summary}", time.perf_counter() - t)
+    return {"images": n, "profiles": rows}
 
 
 def _build_in(stage_dir, cfg, target, backend, recipe, model, spec, weights, calib_set, calib_inputs, eval_set,
@@ -227,6 +263,7 @@ def _build_in(stage_dir, cfg, target, backend, recipe, model, spec, weights, cal
                       + (f"; {comparison['latency_ratio']:.2f}x the FP32 artifact" if comparison else ""),
            time.perf_counter() - t)
 
+    isa = _isa_drift(cfg, target, artifact, eval_inputs, ref_logits, labels, stages)
     files = {role: file_record(p) for role, p in artifact.files.items()}
     meta = rep.build_metadata()
     return {
@@ -245,6 +282,7 @@ def _build_in(stage_dir, cfg, target, backend, recipe, model, spec, weights, cal
         "drift": {k: v for k, v in drift.items() if k not in ("reference_top1", "deployed_top1")},
         "latency_ms": latency,
         "fp32_comparison": comparison,
+        "isa_drift": isa,
         "budget": target.budget.model_dump(),
         "details": artifact.details,
         "provenance": {

@@ -114,6 +114,19 @@ def render_markdown(r: dict) -> str:
                   f"{cmp_['size_ratio']:.2f}x.", ""]
         if cmp_.get("float_fallback"):
             lines += ["Ops left in float: " + ", ".join(f"{k} x{v}" for k, v in cmp_["float_fallback"].items()), ""]
+    isa = r.get("isa_drift")
+    if isa:
+        lines += [f"## Drift on the phone's instruction set (native runner, {isa['images']} images)", "",
+                  "| arch | CPU profile | emulated | trusted | agreement | top-1 change | cosine | SQNR | max abs vs host |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for p in isa["profiles"]:
+            lines.append(f"| {p['arch']} | {p['cpu']} | {p['emulated']} | {'yes' if p['trusted'] else '**no**'} | "
+                         f"{_pct(p['agreement'])} | {p['top1_delta']:+.2f} pts | {p['cosine_mean']:.5f} | "
+                         f"{p['sqnr_db']:.1f} dB | {p['max_abs_vs_host']:.4g} |")
+        for p in isa["profiles"]:
+            if not p["trusted"]:
+                lines.append(f"\n{p['arch']} -cpu {p['cpu']} is untrusted: {p['reason']}")
+        lines.append("")
     lines += ["## Files", "", "| file | bytes | sha256 |", "|---|---|---|"]
     for role, f in r["artifact"]["files"].items():
         lines.append(f"| {f['name']} ({role}) | {f['bytes']:,} | `{f['sha256'][:16]}` |")
