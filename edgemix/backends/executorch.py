@@ -1,0 +1,376 @@
+"""ExecuTorch backend: torch.export -> PT2E INT8 (PTQ or QAT) -> XNNPACK delegate -> .pte.
+
+Besides the .pte the build writes a BundledProgram (.bpte): the same program with reference inputs
+and the FP32 reference's outputs, which a device-side runner can verify without the host.
+
+Delegation. Out of the box the XNNPACK partitioner takes every Linear, the stem Conv, GELU, the
+residual adds and the transposes, but not LayerNorm (ATen's native_layer_norm has no XNNPACK
+partitioner config) nor the mean over tokens (XNNPACK's only mean is global average pooling: a 4-D
+tensor, dims (2, 3), keepdim). Each of the 17 LayerNorms of S/16 then splits the graph: 18
+delegate calls with portable-kernel LayerNorms between them. The export view below computes the
+same function with ops XNNPACK takes, so the whole Mixer becomes one delegate call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import operator
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgemix.backends.base import Backend, BuildJob, BuiltArtifact, register
+from edgemix.errors import ToolchainError, UsageError, unknown_choice
+from edgemix.models.mixer import MlpMixer
+
+# ------------------------------------------------------------------------- export-time rewrite
+
+
+class XnnpackLayerNorm(nn.Module):
+    """LayerNorm over the last dim, as ops the XNNPACK partitioner takes (sub, mul, rsqrt, add, linear).
+
+    The two means over channels are a Linear with a constant 1/C row: XNNPACK's mean is global
+    average pooling over the H, W of an NHWC tensor, so a mean over the innermost dim would need a
+    transpose per mean; measured ~8% slower than this form (S/16 INT8, one thread). The quantizer
+    is told to leave this module in float (statistics of a LayerNorm do not survive INT8).
+    """
+
+    def __init__(self, ln: nn.LayerNorm):
+        super().__init__()
+        if len(ln.normalized_shape) != 1:
+            raise UsageError(f"cannot rewrite a LayerNorm over {tuple(ln.normalized_shape)} for XNNPACK",
+                             hint="set options decompose_layernorm=false")
+        c = ln.normalized_shape[0]
+        self.weight, self.bias, self.eps = ln.weight, ln.bias, ln.eps  # shared: QAT trains the originals
+        self.register_buffer("average", torch.full((1, c), 1.0 / c), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = x - F.linear(x, self.average)
+        y = d * torch.rsqrt(F.linear(d * d, self.average) + self.eps)
+        if self.weight is not None:
+            y = y * self.weight
+        return y + self.bias if self.bias is not None else y
+
+
+class XnnpackMixer(nn.Module):
+    """An MlpMixer's modules and weights, with the token mean pool as XNNPACK global average pooling.
+
+    (B, S, C) -> (B, C, S, 1) -> mean over (2, 3) with keepdim is the same mean over tokens in the
+    one form XNNPACK's mean.dim accepts. With ``decompose_layernorm`` every LayerNorm becomes an
+    :class:`XnnpackLayerNorm` (on a copy; the caller's model is never modified).
+    """
+
+    def __init__(self, mixer: MlpMixer, decompose_layernorm: bool = True):
+        super().__init__()
+        if decompose_layernorm:
+            mixer = copy.deepcopy(mixer)
+            for parent in list(mixer.modules()):
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, nn.LayerNorm):
+                        setattr(parent, name, XnnpackLayerNorm(child))
+        self.spec = mixer.spec
+        self.stem, self.blocks, self.norm, self.head = mixer.stem, mixer.blocks, mixer.norm, mixer.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.blocks(self.stem(x)))
+        _, s, c = y.shape
+        pooled = y.transpose(1, 2).reshape(-1, c, s, 1).mean((2, 3), keepdim=True)
+        return self.head(pooled.flatten(1))
+
+
+def export_view(model: nn.Module, decompose_layernorm: bool = True) -> tuple[nn.Module, str]:
+    """The module to export and a one-line description of what was rewritten."""
+    if not isinstance(model, MlpMixer):
+        return model, "none (not an MlpMixer)"
+    what = "mean pool as global average pooling"
+    if decompose_layernorm:
+        what += "; LayerNorm as linear-mean/sub/mul/rsqrt"
+    return XnnpackMixer(model, decompose_layernorm).eval(), what
+
+
+# ---------------------------------------------------------------------------- delegation report
+
+def _op_name(target) -> str:
+    return getattr(target, "__name__", None) or str(target)
+
+
+@contextlib.contextmanager
+def _partitioner_reasons():
+    """Collect the XNNPACK partitioner's 'WhyNoPartition' debug records as {node name: reason}."""
+    reasons: dict[str, str] = {}
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            why = record.msg  # the partitioner reuses one WhyNoPartition object: read it now
+            node = getattr(why, "node", None)
+            if node is not None and getattr(why, "reason", None):
+                reasons.setdefault(node.name, why.reason)
+
+    log = logging.getLogger("executorch.backends.xnnpack")
+    handler, level, propagate = Collect(), log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    log.propagate = False  # the debug records are for this report, not for the terminal
+    try:
+        yield reasons
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
+
+
+def delegation_report(graph_module: torch.fx.GraphModule, reasons: dict[str, str]) -> dict:
+    """Ops (by ATen name) inside XNNPACK partitions vs. left to the portable kernels, with a reason
+    for every op left outside."""
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.exir.backend.canonical_partitioners.config_partitioner import format_target_name
+
+    configured = {getattr(c, "target_name", None) for c in ALL_PARTITIONER_CONFIGS}
+    delegated, outside, why = Counter(), Counter(), {}
+    partitions = 0
+    for node in graph_module.graph.nodes:
+        if node.op == "get_attr" and node.name.startswith("lowered_module"):
+            partitions += 1
+            for inner in getattr(graph_module, node.target).original_module.graph.nodes:
+                if inner.op == "call_function" and inner.target is not operator.getitem:
+                    delegated[_op_name(inner.target)] += 1
+        elif (node.op == "call_function" and node.target is not operator.getitem
+              and "executorch_call_delegate" not in _op_name(node.target)):
+            name = _op_name(node.target)
+            outside[name] += 1
+            if node.name in reasons:
+                reason = f"XNNPACK partitioner rejected it: {reasons[node.name]}"
+            elif format_target_name(name) not in configured:
+                reason = "XNNPACK has no partitioner config for this op; it runs on the portable CPU kernels"
+            else:
+                reason = "an XNNPACK config exists but the node was not claimed (precision or pattern not matched)"
+            why.setdefault(name, [])
+            if reason not in why[name]:
+                why[name].append(reason)
+    gemm = {k: v for k, v in delegated.items() if "linear" in k or "convolution" in k or k.endswith(".mm.default")}
+    gemm_outside = {k: v for k, v in outside.items() if "linear" in k or "convolution" in k or k.endswith(".mm.default")}
+    return {
+        "partitions": partitions,
+        "delegated_ops": sum(delegated.values()),
+        "outside_ops": sum(outside.values()),
+        "delegated": dict(sorted(delegated.items())),
+        "not_delegated": [{"op": k, "count": v, "reasons": why[k]} for k, v in sorted(outside.items())],
+        "gemm_delegated": sum(gemm.values()),
+        "gemm_not_delegated": sum(gemm_outside.values()),
+    }
+
+
+# ------------------------------------------------------------------------------------- runtime
+
+# The ExecuTorch threadpool is one per process; XNNPACK delegates keep a pointer to it from the
+# moment their method is loaded. Resetting it (the only thread control the Python runtime has)
+# therefore invalidates every loaded method: each predictor remembers the generation it was
+# loaded in and reloads itself when the pool has been replaced since.
+_POOL = {"threads": None, "generation": 0}
+
+
+def _use_threads(threads: int) -> None:
+    from executorch.extension.pybindings import portable_lib
+
+    if threads < 1:
+        raise UsageError(f"threads must be >= 1, got {threads}")
+    if portable_lib._threadpool_get_thread_count() != threads:
+        portable_lib._unsafe_reset_threadpool(threads)
+        _POOL["generation"] += 1
+    _POOL["threads"] = threads
+
+
+class ExecuTorchPredictor:
+    """Runs a written .pte with the ExecuTorch runtime (the XNNPACK delegate included)."""
+
+    def __init__(self, path: Path, batch_size: int, dynamic_batch: bool, threads: int):
+        self.path, self.batch_size, self.dynamic_batch, self.threads = Path(path), batch_size, dynamic_batch, threads
+        self._load()
+
+    def _load(self) -> None:
+        from executorch.runtime import Runtime
+
+        _use_threads(self.threads)
+        program = Runtime.get().load_program(self.path)
+        self._method = program.load_method("forward")
+        self._generation = _POOL["generation"]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if x.ndim != 4 or (x.shape[0] != self.batch_size and not self.dynamic_batch):
+            raise UsageError(f"{self.path.name} takes float32 (B, C, H, W) batches of {self.batch_size}, "
+                             f"got shape {tuple(x.shape)}", hint="use edgemix.backends.base.batched_predict")
+        if self._generation != _POOL["generation"] or _POOL["threads"] != self.threads:
+            self._load()
+        out = self._method.execute([torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))])
+        return out[0].numpy().copy()
+
+
+# --------------------------------------------------------------------------------------- backend
+
+OPTIONS = {  # BuildJob.options this backend understands
+    "decompose_layernorm": "write LayerNorm with ops XNNPACK delegates, so the Mixer is one delegate (default true)",
+}
+
+
+@register
+class ExecuTorchBackend(Backend):
+    name = "executorch"
+    precisions = ("int8", "fp32")
+    supports_qat = True
+    supports_dynamic_batch = False  # fixed batch: the XNNPACK plan is built once for one shape
+    artifact_suffix = ".pte"
+
+    def build(self, job: BuildJob) -> BuiltArtifact:
+        self.check_request(job.target, job.precision, job.qat_epochs)
+        try:
+            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+            from executorch.exir import to_edge_transform_and_lower
+
+            from edgemix.quant import pt2e
+        except ImportError as e:
+            raise ToolchainError(f"the ExecuTorch toolchain cannot be imported ({e})",
+                                 hint="pip install executorch==1.5.1 torchao==0.18.0") from None
+        for key in job.options:
+            if key not in OPTIONS:
+                raise unknown_choice("executorch backend option", key, OPTIONS)
+        batch = job.target.export_batch
+        bundle_x, bundle_y = _bundle_data(job, batch)  # bad bundle data fails before any work
+        decompose = _flag(job.options.get("decompose_layernorm", True), "decompose_layernorm")
+        model, rewrite = export_view(job.model, decompose)
+        float_modules = (XnnpackLayerNorm,) if decompose else ()
+        example = _example_input(job, batch)
+
+        t0 = time.perf_counter()
+        exported = pt2e.export_model(model, example)
+        n_ops = sum(1 for n in exported.graph.nodes if n.op == "call_function")
+        job.stage("export", f"torch.export graph: {n_ops} ops, batch {batch}", time.perf_counter() - t0, None)
+
+        quant = {"scheme": "none", "observer": None, "calibration_images": 0, "qat_epochs": 0.0}
+        float_ops: dict[str, int] = {}
+        if job.precision == "int8":
+            t0 = time.perf_counter()
+            if job.qat_epochs > 0:
+                converted = pt2e.qat(model, job.spec, job.train_set, job.qat_epochs, job.train_config,
+                                     calib_inputs=job.calib_inputs, float_modules=float_modules)
+                quant.update(observer=pt2e.QAT_OBSERVER, qat_epochs=float(job.qat_epochs),
+                             calibration_images=len(job.calib_inputs), qat_train_images=len(job.train_set))
+                produced = f"QAT {job.qat_epochs:g} epochs on {len(job.train_set)} images"
+                stage_name = "qat"
+            else:
+                converted = pt2e.ptq(exported, job.calib_inputs, batch, job.recipe.observer,
+                                     job.recipe.percentile, float_modules)
+                quant.update(observer=job.recipe.observer, calibration_images=len(job.calib_inputs))
+                if job.recipe.observer == "percentile":
+                    quant["percentile"] = job.recipe.percentile
+                produced = f"INT8 Q/DQ graph, {len(job.calib_inputs)} images, {job.recipe.observer} observers"
+                stage_name = "calibrate"
+            quant["scheme"] = pt2e.SCHEME
+            float_ops = pt2e.float_ops(converted)
+            with torch.no_grad():  # the quantized graph again at the artifact's fixed batch
+                exported = torch.export.export(converted, (example,))
+            job.stage(stage_name, produced, time.perf_counter() - t0, None)
+
+        t0 = time.perf_counter()
+        with _partitioner_reasons() as reasons:
+            edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+        report = delegation_report(edge.exported_program().graph_module, reasons)
+        gemms = sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in job.model.modules())
+        report["model_linear_conv"] = gemms
+        report["all_linear_conv_delegated"] = report["gemm_not_delegated"] == 0 and report["gemm_delegated"] >= gemms
+        program = edge.to_executorch()
+        job.stage("lower", f"{report['delegated_ops']} ops in {report['partitions']} XNNPACK partition(s), "
+                  f"{report['outside_ops']} outside", time.perf_counter() - t0, len(program.buffer))
+
+        t0 = time.perf_counter()
+        pte = job.stage_dir / f"{job.basename}.pte"
+        bpte = job.stage_dir / f"{job.basename}.bpte"
+        cases = _write_artifacts(program, pte, bpte, bundle_x, bundle_y, batch)
+        job.stage("write", f"{pte.name} + {bpte.name} ({cases} test cases)", time.perf_counter() - t0,
+                  pte.stat().st_size)
+        return BuiltArtifact(
+            files={"model": pte, "bundled": bpte}, runtime="executorch", batch_size=batch, dynamic_batch=False,
+            quantization=quant,
+            details={"delegation": report, "export_rewrite": rewrite, "float_ops": float_ops, "bundle_test_cases": cases,
+                     "threads": "set per process with ExecuTorch's _unsafe_reset_threadpool; "
+                                "loaded methods are reloaded after a change"})
+
+    def load_predictor(self, artifact: BuiltArtifact, threads: int) -> ExecuTorchPredictor:
+        path = artifact.files.get("model")
+        if path is None or not Path(path).is_file():
+            raise UsageError(f"ExecuTorch program {path} does not exist", hint="build it first")
+        return ExecuTorchPredictor(Path(path), artifact.batch_size, artifact.dynamic_batch, threads)
+
+
+def _flag(value, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes", "false", "0", "no"):
+        return str(value).lower() in ("true", "1", "yes")
+    raise UsageError(f"executorch backend option {name} must be true or false, got {value!r}")
+
+
+def _example_input(job: BuildJob, batch: int) -> torch.Tensor:
+    spec = job.spec
+    if job.calib_inputs is not None and len(job.calib_inputs) >= batch:
+        return job.calib_inputs[:batch].float().contiguous()
+    return torch.zeros(batch, spec.in_chans, spec.img_size, spec.img_size)
+
+
+def _bundle_data(job: BuildJob, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference inputs and FP32 outputs for the BundledProgram; the FP32 model fills in missing outputs."""
+    spec = job.spec
+    x = job.bundle_inputs if job.bundle_inputs is not None else _example_input(job, batch)
+    shape = (spec.in_chans, spec.img_size, spec.img_size)
+    if x.ndim != 4 or tuple(x.shape[1:]) != shape or len(x) == 0:
+        raise UsageError(f"bundle inputs must be (N, {', '.join(map(str, shape))}) for {spec.name}, "
+                         f"got {tuple(x.shape)}")
+    y = job.bundle_outputs
+    if y is None:
+        with torch.no_grad():
+            y = torch.cat([job.model(x[i:i + 64].float()) for i in range(0, len(x), 64)])
+    if tuple(y.shape) != (len(x), spec.num_classes):
+        raise UsageError(f"bundle outputs must be ({len(x)}, {spec.num_classes}) to match the inputs, "
+                         f"got {tuple(y.shape)}")
+    return x.float().contiguous(), y.float().contiguous()
+
+
+def _write_artifacts(program, pte: Path, bpte: Path, x: torch.Tensor, y: torch.Tensor, batch: int) -> int:
+    """Write the .pte and the .bpte under temporary names, then rename both; on any failure remove
+    what was written, so the stage folder never holds a half-written or orphaned artifact."""
+    from executorch.devtools import BundledProgram
+    from executorch.devtools.bundled_program import serialize
+    from executorch.devtools.bundled_program.config import MethodTestCase, MethodTestSuite
+
+    cases = []
+    for i in range(0, len(x), batch):  # the program takes whole batches: pad with the last image
+        xb, yb = x[i:i + batch], y[i:i + batch]
+        if len(xb) < batch:
+            pad = batch - len(xb)
+            xb, yb = torch.cat([xb, xb[-1:].expand(pad, *xb.shape[1:])]), torch.cat([yb, yb[-1:].expand(pad, -1)])
+        cases.append(MethodTestCase(inputs=[xb.contiguous()], expected_outputs=[yb.contiguous()]))
+    finals = (pte, bpte)
+    tmps = [p.with_name(f".{p.name}.tmp") for p in finals]
+    placed: list[Path] = []
+    try:
+        with open(tmps[0], "wb") as f:
+            program.write_to_file(f)
+        bundled = BundledProgram(program, [MethodTestSuite(method_name="forward", test_cases=cases)])
+        tmps[1].write_bytes(serialize.serialize_from_bundled_program_to_flatbuffer(bundled))
+        for tmp, final in zip(tmps, finals):
+            tmp.replace(final)
+            placed.append(final)
+    except BaseException:
+        for path in placed:  # a .pte without its .bpte would look like a finished build
+            path.unlink(missing_ok=True)
+        raise
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+    return len(cases)

@@ -1,0 +1,315 @@
+"""PT2E quantization for ExecuTorch: torch.export capture, post-training calibration and
+quantization-aware training with ExecuTorch's XNNPACK quantizer.
+
+The scheme is the one XNNPACK runs in integer kernels: symmetric INT8 weights with one scale per
+output channel, INT8 activations with one scale (and zero point) per tensor. Ops the quantizer has
+no pattern for (LayerNorm, GELU, mean) stay in float between a dequantize and a quantize.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import traceback
+from pathlib import Path
+
+import torch
+from torchao.quantization.pt2e import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver
+
+from edgemix import console
+from edgemix.errors import UsageError
+
+SCHEME = "pt2e-xnnpack symmetric int8, per-channel weights, per-tensor activations"
+OBSERVERS = ("minmax", "moving_average_minmax", "histogram", "percentile")
+QAT_OBSERVER = "moving_average_minmax fake-quant (QAT)"
+_TORCH_DIR = str(Path(torch.__file__).resolve().parent)
+
+
+# ---------------------------------------------------------------------------------------- export
+
+def export_model(model: torch.nn.Module, example_input: torch.Tensor, dynamic_batch: bool = False,
+                 max_batch: int = 1024) -> torch.export.ExportedProgram:
+    """Capture ``model`` with torch.export: the batch of ``example_input`` is fixed, or symbolic
+    (1..max_batch) with ``dynamic_batch``. A model torch.export cannot capture is a UsageError
+    naming the op and the line of the model's code that used it."""
+    dynamic_shapes = None
+    if dynamic_batch:
+        if example_input.shape[0] < 2:
+            # torch.export specialises a dimension whose example size is 1, so trace with two
+            example_input = example_input[:1].expand(2, *example_input.shape[1:]).contiguous()
+        dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=max_batch)},)
+    try:
+        with torch.no_grad():
+            return torch.export.export(model, (example_input,), dynamic_shapes=dynamic_shapes)
+    except Exception as e:  # torch.export raises many unrelated types; all mean "not capturable"
+        raise _export_failure(model, e) from None
+
+
+def _export_failure(model: torch.nn.Module, err: Exception) -> UsageError:
+    """Turn a torch.export failure into a message naming the op and the model line that used it."""
+    op, where = None, None
+    for frame, line in traceback.walk_tb(err.__traceback__):
+        path = str(Path(frame.f_code.co_filename).resolve())
+        func = frame.f_locals.get("func")
+        if op is None and where is not None and func is not None:
+            op = getattr(func, "__qualname__", None) or str(func)  # e.g. TensorBase.__bool__, aten.item
+        if not path.startswith(_TORCH_DIR) and frame.f_code.co_name == "forward":
+            import linecache
+
+            code = linecache.getline(frame.f_code.co_filename, line).strip()
+            where, op = f"{frame.f_code.co_filename}:{line} `{code}`", None  # innermost forward wins
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    text = f"{type(model).__name__} cannot be exported with torch.export"
+    text += f": op {op}" if op else ""
+    text += f" at {where}" if where else ""
+    text += f" ({first})"
+    data_dependent = "data-dependent" in str(err) or "__bool__" in (op or "") or "item" in (op or "")
+    hint = ("the graph cannot branch on tensor values: replace the Python `if` on a tensor with "
+            "torch.where or torch.cond, or move the check out of forward()" if data_dependent else
+            "keep forward() to tensor ops torch.export can trace (no .numpy(), .tolist() or Python "
+            "side effects); the model must be a pure function of its input")
+    return UsageError(text, hint=hint)
+
+
+# ------------------------------------------------------------------------------------- observers
+
+class PercentileObserver(MinMaxObserver):
+    """Activation range = the [100-p, p] percentiles of everything seen, not the extremes.
+
+    torchao has no percentile observer. This one keeps a fixed-size histogram over the running
+    [min, max]; when a batch widens the range the old counts are re-binned into the new range (each
+    count moves by at most one old bin width), so memory stays constant over any number of
+    calibration images and the percentile is taken over all of them, not averaged per batch.
+    """
+
+    def __init__(self, percentile: float = 99.99, bins: int = 4096, **kwargs):
+        super().__init__(**kwargs)
+        self.percentile = float(percentile)
+        self.bins = int(bins)
+        self.register_buffer("histogram", torch.zeros(self.bins))
+
+    def forward(self, x_orig):
+        if x_orig.numel() == 0:
+            return x_orig
+        x = x_orig.detach().float().flatten()
+        old_lo, old_hi = float(self.min_val), float(self.max_val)
+        super().forward(x)
+        lo, hi = float(self.min_val), float(self.max_val)
+        hi = max(hi, lo + 1e-8)  # a constant tensor still needs a non-empty histogram range
+        if math.isfinite(old_lo) and (lo, hi) != (old_lo, old_hi) and self.histogram.sum() > 0:
+            old_width = (old_hi - old_lo) / self.bins
+            centres = old_lo + (torch.arange(self.bins) + 0.5) * old_width
+            idx = ((centres - lo) / (hi - lo) * self.bins).long().clamp_(0, self.bins - 1)
+            self.histogram = torch.zeros(self.bins).index_add_(0, idx, self.histogram)
+        self.histogram += torch.histc(x, bins=self.bins, min=lo, max=hi)
+        return x_orig
+
+    def calculate_qparams(self):
+        total = float(self.histogram.sum())
+        if total == 0:
+            return super().calculate_qparams()
+        lo, hi = float(self.min_val), float(self.max_val)
+        width = max(hi - lo, 1e-8) / self.bins
+        cdf = torch.cumsum(self.histogram, 0) / total
+        tail = 1.0 - self.percentile / 100.0
+        lo_bin = int(torch.searchsorted(cdf, torch.tensor(tail), right=True))
+        hi_bin = min(int(torch.searchsorted(cdf, torch.tensor(1.0 - tail))), self.bins - 1)
+        clip_lo, clip_hi = lo + lo_bin * width, lo + (hi_bin + 1) * width
+        return self._calculate_qparams(torch.tensor(max(clip_lo, lo)), torch.tensor(min(clip_hi, hi)))
+
+    def extra_repr(self):
+        return f"percentile={self.percentile}, min_val={self.min_val}, max_val={self.max_val}"
+
+
+class BatchAverageMinMaxObserver(MovingAverageMinMaxObserver):
+    """Moving-average min-max whose k-th batch is weighted 1/k: the running mean of per-batch ranges.
+
+    torchao's fixed averaging constant (0.01) is made for training-length streams. Calibrating
+    64 images one at a time (the exported batch on a phone is 1), it would leave about half the
+    weight on the first image; with 1/k every calibration batch counts the same.
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.pop("averaging_constant", None)
+        super().__init__(averaging_constant=1.0, **kwargs)
+        self.register_buffer("batches", torch.tensor(0))
+
+    def forward(self, x_orig):
+        if x_orig.numel() == 0:
+            return x_orig
+        self.batches += 1
+        self.averaging_constant = 1.0 / int(self.batches)
+        return super().forward(x_orig)
+
+
+def activation_observer(name: str, percentile: float = 99.99):
+    """The torchao observer constructor for a recipe's ``observer`` field (activations only;
+    weights always use per-channel min-max, which is exact for a tensor known in advance)."""
+    eps = {"eps": 2**-12}  # the XNNPACK quantizer's floor on a scale, kept for every observer
+    if name == "minmax":
+        return MinMaxObserver.with_args(**eps)
+    if name == "moving_average_minmax":
+        return BatchAverageMinMaxObserver.with_args(**eps)
+    if name == "histogram":
+        return HistogramObserver.with_args(**eps)
+    if name == "percentile":
+        return PercentileObserver.with_args(percentile=percentile, **eps)
+    from edgemix.errors import unknown_choice
+
+    raise unknown_choice("observer", name, OBSERVERS)
+
+
+def make_quantizer(observer: str = "minmax", percentile: float = 99.99, qat: bool = False,
+                   float_modules: tuple[type, ...] = ()):
+    """XNNPACKQuantizer: per-channel symmetric weights, the chosen per-tensor activation observer.
+
+    ``float_modules``: module types whose ops must stay in float (the quantizer would otherwise
+    quantize the adds and muls of a decomposed LayerNorm, whose statistics INT8 cannot carry).
+    For QAT the quantizer's own fake-quant config is used: its activation fake-quant observes with
+    a moving average while training, so the recipe's observer does not apply.
+    """
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantizer.utils import QuantizationConfig
+
+    base = get_symmetric_quantization_config(is_per_channel=True, is_qat=qat)
+    config = base
+    if not qat:
+        act = dataclasses.replace(base.input_activation,
+                                  observer_or_fake_quant_ctr=activation_observer(observer, percentile))
+        config = QuantizationConfig(act, act, base.weight, base.bias, False)
+    quantizer = XNNPACKQuantizer().set_global(config)
+    for module_type in float_modules:
+        quantizer.set_module_type(module_type, None)
+    return quantizer
+
+
+# ------------------------------------------------------------------------------- PTQ and QAT
+
+def calibrate(prepared, inputs: torch.Tensor, batch_size: int, desc: str = "calibrate") -> int:
+    """Run ``inputs`` through an observed graph in batches of the graph's fixed batch size.
+
+    A last partial batch is filled with copies of its last image: the exported graph only takes
+    full batches, and a repeated image cannot move a min-max range (it adds a few duplicate counts
+    to a histogram). Returns the number of batches run.
+    """
+    n = len(inputs)
+    steps = math.ceil(n / batch_size)
+    with torch.no_grad(), console.progress(desc, steps) as advance:
+        for i in range(0, n, batch_size):
+            chunk = inputs[i:i + batch_size]
+            if len(chunk) < batch_size:
+                chunk = torch.cat([chunk, chunk[-1:].expand(batch_size - len(chunk), *chunk.shape[1:])])
+            prepared(chunk)
+            advance(1)
+    return steps
+
+
+def ptq(exported: torch.export.ExportedProgram, calib_inputs: torch.Tensor, batch_size: int,
+        observer: str = "minmax", percentile: float = 99.99, float_modules: tuple[type, ...] = ()):
+    """Post-training quantization of an exported graph; returns the converted (Q/DQ) GraphModule."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    if len(calib_inputs) == 0:
+        raise UsageError("post-training quantization needs calibration images, got none",
+                         hint="set images >= 1 in the calibration recipe")
+    prepared = prepare_pt2e(exported.module(), make_quantizer(observer, percentile, False, float_modules))
+    calibrate(prepared, calib_inputs, batch_size)
+    return convert_pt2e(prepared)
+
+
+def default_qat_config(epochs: float):
+    """Fine-tuning settings for QAT when the caller has none: a small learning rate (the weights are
+    already trained; QAT only has to adapt them to the quantization grid) and no label smoothing
+    beyond FP32 training's."""
+    from edgemix.train import TrainConfig
+
+    return TrainConfig(epochs=epochs, batch_size=64, lr=1e-4, weight_decay=0.0, warmup_epochs=0.05)
+
+
+def qat(model: torch.nn.Module, spec, train_set, epochs: float, train_config=None,
+        calib_inputs: torch.Tensor | None = None, float_modules: tuple[type, ...] = ()):
+    """Quantization-aware fine-tuning; returns the converted GraphModule (batch dimension symbolic).
+
+    The graph is exported with a symbolic batch: the training loop feeds batches of
+    ``train_config.batch_size`` while the artifact is exported at the target's batch, and a graph
+    exported with a fixed batch would take only one of them. The caller re-exports the converted
+    graph at its own batch size.
+    """
+    from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+
+    from edgemix.train import fit
+
+    if train_set is None or len(train_set) == 0:
+        raise UsageError("quantization-aware training needs training images, got none",
+                         hint="give a training data source for --qat-epochs, or use post-training calibration")
+    cfg = dataclasses.replace(train_config, epochs=epochs) if train_config is not None else default_qat_config(epochs)
+    if cfg.batch_size > len(train_set):
+        cfg = dataclasses.replace(cfg, batch_size=len(train_set))
+    example = (calib_inputs[:cfg.batch_size] if calib_inputs is not None and len(calib_inputs) >= 2 else
+               torch.zeros(cfg.batch_size, spec.in_chans, spec.img_size, spec.img_size))
+    exported = export_model(model, example, dynamic_batch=True, max_batch=max(cfg.batch_size, len(example), 2))
+    prepared = prepare_qat_pt2e(exported.module(), make_quantizer(qat=True, float_modules=float_modules))
+
+    def set_train(flag: bool) -> None:  # never .train()/.eval() on an exported graph (DESIGN.md)
+        (move_exported_model_to_train if flag else move_exported_model_to_eval)(prepared)
+
+    if calib_inputs is not None and len(calib_inputs):
+        # Start the fake-quant ranges from real activations rather than from the first training
+        # batch, whose augmented images and moving average would take many steps to settle.
+        set_train(False)
+        calibrate(prepared, calib_inputs, cfg.batch_size, desc="qat ranges")
+    fit(prepared, list(prepared.parameters()), spec, train_set, cfg, set_train=set_train, desc="qat")
+    set_train(False)
+    return convert_pt2e(prepared)
+
+
+# ------------------------------------------------------------------------------ what stays float
+
+_LAYOUT_OPS = ("view", "reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "expand",
+               "clone", "contiguous", "getitem", "_assert", "sym_size")
+
+
+_EDGE_NAMES = {"conv2d.default": "convolution.default"}  # pre-edge ATen name -> XNNPACK config name
+
+
+def float_ops(converted: torch.fx.GraphModule) -> dict[str, int]:
+    """The compute left in float in a converted INT8 graph, in model terms: {module type or op: count}.
+
+    A node runs in INT8 on XNNPACK when it reads only dequantized tensors, feeds only quantize nodes
+    and XNNPACK has a static-quant kernel for its op; anything else that computes (not a view or
+    permute) runs in float. Nodes are grouped by the innermost module that made them, so a
+    LayerNorm decomposed into nine ops counts once as "LayerNorm".
+    """
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
+    from executorch.exir.backend.canonical_partitioners.config_partitioner import format_target_name
+
+    int8_kernels = {c.target_name for c in ALL_PARTITIONER_CONFIGS if hasattr(c, "target_name")
+                    and ConfigPrecisionType.STATIC_QUANT in c().supported_precision_types()}
+
+    def is_qdq(n, kind):
+        return n.op == "call_function" and f"{kind}_per_" in str(n.target)
+
+    groups: dict[str, set[str]] = {}
+    for node in converted.graph.nodes:
+        if node.op != "call_function" or is_qdq(node, "quantize") or is_qdq(node, "dequantize"):
+            continue
+        name = str(node.target)  # e.g. aten.linear.default
+        if any(word in name for word in _LAYOUT_OPS):
+            continue
+        inputs = [a for a in node.all_input_nodes if a.op == "call_function"]
+        int8 = (inputs and all(is_qdq(a, "dequantize") for a in inputs) and node.users
+                and all(is_qdq(u, "quantize") for u in node.users)
+                and _EDGE_NAMES.get(format_target_name(name), format_target_name(name)) in int8_kernels)
+        if int8:
+            continue
+        stack = list((node.meta.get("nn_module_stack") or {}).values())
+        path, kind = stack[-1] if len(stack) > 1 else ("", None)  # [0] is the exported model itself
+        kind = str(kind).rsplit(".", 1)[-1].strip("'>") if kind is not None else None
+        label = {"XnnpackLayerNorm": "LayerNorm"}.get(kind, kind) if kind else name
+        groups.setdefault(label, set()).add(path or node.name)
+    return {label: len(paths) for label, paths in sorted(groups.items())}
