@@ -119,6 +119,10 @@ def train_cmd(
     batch_size: int = typer.Option(128, "--batch-size"),
     lr: float = typer.Option(2e-3),
     seed: int = typer.Option(0),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="Random 2-pixel shifts and flips."),
+    label_smoothing: float = typer.Option(0.1, "--label-smoothing"),
+    weight_decay: float = typer.Option(0.05, "--weight-decay"),
+    warmup_epochs: float = typer.Option(0.5, "--warmup-epochs"),
     limit: Optional[int] = typer.Option(None, help="Use a stratified subset of this many training images."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Start from these weights (fine-tuning)."),
     reset_head: bool = typer.Option(False, "--reset-head", help="Drop a head with a different class count."),
@@ -136,7 +140,8 @@ def train_cmd(
     from edgemix.models.checkpoints import load_weights
     from edgemix.train import TrainConfig, train
 
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, threads=threads)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, threads=threads, augment=augment,
+                      label_smoothing=label_smoothing, weight_decay=weight_decay, warmup_epochs=warmup_epochs)
     cfg.validate()
     spec = resolve_spec(model, image_size, num_classes)
     train_set = load_dataset(data, "train")
