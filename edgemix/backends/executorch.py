@@ -275,9 +275,10 @@ class ExecuTorchBackend(Backend):
             t0 = time.perf_counter()
             if job.qat_epochs > 0:
                 converted = pt2e.qat(model, job.spec, job.train_set, job.qat_epochs, job.train_config,
-                                     calib_inputs=job.calib_inputs, float_modules=float_modules)
-                quant.update(observer=pt2e.QAT_OBSERVER, qat_epochs=float(job.qat_epochs),
-                             calibration_images=len(job.calib_inputs), qat_train_images=len(job.train_set))
+                                     job.calib_inputs, job.recipe.observer, job.recipe.percentile, float_modules)
+                quant.update(observer=f"{job.recipe.observer} (calibrated, then frozen for QAT)",
+                             qat_epochs=float(job.qat_epochs), calibration_images=len(job.calib_inputs),
+                             qat_train_images=len(job.train_set))
                 produced = f"QAT {job.qat_epochs:g} epochs on {len(job.train_set)} images"
                 stage_name = "qat"
             else:
