@@ -9,6 +9,7 @@ no pattern for (LayerNorm, GELU, mean) stay in float between a dequantize and a 
 from __future__ import annotations
 
 import dataclasses
+import linecache
 import math
 import traceback
 from pathlib import Path
@@ -53,8 +54,6 @@ def _export_failure(model: torch.nn.Module, err: Exception) -> UsageError:
         if op is None and where is not None and func is not None:
             op = getattr(func, "__qualname__", None) or str(func)  # e.g. TensorBase.__bool__, aten.item
         if not path.startswith(_TORCH_DIR) and frame.f_code.co_name == "forward":
-            import linecache
-
             code = linecache.getline(frame.f_code.co_filename, line).strip()
             where, op = f"{frame.f_code.co_filename}:{line} `{code}`", None  # innermost forward wins
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
@@ -221,12 +220,12 @@ def ptq(exported: torch.export.ExportedProgram, calib_inputs: torch.Tensor, batc
 
 
 def default_qat_config(epochs: float):
-    """Fine-tuning settings for QAT when the caller has none: a small learning rate (the weights are
-    already trained; QAT only has to adapt them to the quantization grid) and no label smoothing
-    beyond FP32 training's."""
+    """Fine-tuning settings when the caller has none: the ones verified on fmnist (QAT at least as
+    accurate as PTQ): lr 1e-4 (the weights are trained; they only adapt to the grid), batch 64,
+    no warm-up, the training loop's augmentation and label smoothing."""
     from edgemix.train import TrainConfig
 
-    return TrainConfig(epochs=epochs, batch_size=64, lr=1e-4, weight_decay=0.0, warmup_epochs=0.05)
+    return TrainConfig(epochs=epochs, batch_size=64, lr=1e-4, warmup_epochs=0.0)
 
 
 def qat(model: torch.nn.Module, spec, train_set, epochs: float, train_config=None,
@@ -261,7 +260,7 @@ def qat(model: torch.nn.Module, spec, train_set, epochs: float, train_config=Non
     if calib_inputs is None or len(calib_inputs) == 0:
         raise UsageError("quantization-aware training calibrates its activation ranges first and got "
                          "no calibration images", hint="set images >= 1 in the calibration recipe")
-    cfg = dataclasses.replace(train_config, epochs=epochs) if train_config is not None else default_qat_config(epochs)
+    cfg = default_qat_config(epochs) if train_config is None else dataclasses.replace(train_config, epochs=epochs)
     if cfg.batch_size > len(train_set):
         cfg = dataclasses.replace(cfg, batch_size=len(train_set))
     exported = export_model(model, calib_inputs[:cfg.batch_size], dynamic_batch=True,
