@@ -388,12 +388,21 @@ def bench_cmd(
                                          if d else "") + (f"; merged into {artifact}/report.json" if merge else ""))
 
 
+EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug in edgemix, never confused with 1 (gate failed)
+
+
 def main() -> None:
     try:
         app()
     except EdgemixError as e:  # raised outside a command (should not happen, but never a traceback)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        print("edgemix: internal error (a bug, please report it with the traceback above)", file=sys.stderr)
+        sys.exit(EXIT_INTERNAL)
 
 
 if __name__ == "__main__":

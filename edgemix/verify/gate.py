@@ -95,7 +95,7 @@ def run_checks(report: dict, baseline: dict | None, max_top1_drop: float | None 
     checks.append(Check(
         "cosine_mean", d["cosine_mean"] >= min_cosine, round(d["cosine_mean"], 5), f">= {min_cosine}",
         base_d["cosine_mean"] if base_d else None, f"mean logit cosine over {n} images"))
-    for isa in report.get("isa_drift", {}).get("profiles", []):
+    for isa in (report.get("isa_drift") or {}).get("profiles", []):
         if isa.get("trusted", True) and "agreement" in isa:
             checks.append(Check(
                 f"agreement_{isa['arch']}_{isa['cpu']}", isa["agreement"] >= min_agreement, round(isa["agreement"], 5),
