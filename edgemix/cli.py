@@ -242,6 +242,10 @@ def build_cmd(
                                       help="Also build the FP32 artifact and check that INT8 is faster."),
     isa_check: bool = typer.Option(True, "--isa-check/--no-isa-check",
                                    help="Phone targets: also verify on arm64 kernels under qemu (the profile's CPUs)."),
+    fallback: bool = typer.Option(False, "--fallback",
+                                  help="Jetson: keep the most drift-sensitive layers in FP32 until the budget is met."),
+    backend_option: list[str] = typer.Option([], "--backend-option",
+                                             help="KEY=VALUE for the backend (e.g. decompose_layernorm=true)."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if the fingerprint is unchanged."),
     quiet: bool = QuietOpt,
 ):
@@ -254,7 +258,16 @@ def build_cmd(
     spec = resolve_spec(model, image_size, num_classes)  # unknown model: fail before anything else
     profile = resolve_target(target)
     prec = precision or profile.default_precision
+    options = {}
+    for item in backend_option:
+        if "=" not in item:
+            from edgemix.errors import UsageError
+
+            raise UsageError(f"--backend-option '{item}' is not KEY=VALUE")
+        key, value = item.split("=", 1)
+        options[key.strip()] = value.strip()
     cfg = BuildConfig(
+        backend_options=options, fallback=fallback,
         model=spec.name, target=target, precision=prec, weights=str(weights) if weights else None,
         random_weights=random_weights, image_size=image_size, num_classes=num_classes, reset_head=reset_head,
         calib=calib, qat_epochs=qat_epochs, train_data=train_data or _default_train_data(), qat_lr=qat_lr,

@@ -194,6 +194,7 @@ class BuildConfig(_Strict):
     threads: int | None = Field(None, ge=1)
     compare_fp32: bool = True
     isa_check: bool = True
+    fallback: bool = False
     out: str
     force: bool = False
     reference_device: Literal["auto", "cpu", "cuda"] = "auto"

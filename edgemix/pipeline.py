@@ -191,6 +191,27 @@ def _isa_drift(cfg, target, artifact, eval_inputs, ref_logits, labels, stages) -
     return {"images": n, "profiles": rows}
 
 
+def _accuracy_fallback(backend, job, artifact, model, eval_inputs, ref_logits, labels, target, threads, stages):
+    """Rank the quantized layers by the drift each causes alone, keep the most sensitive ones in FP32
+    until the target's drift budget is met on the evaluation set, and rebuild with them excluded."""
+    if target.backend != "tensorrt":
+        raise UsageError(f"--fallback works on the QDQ ONNX of tensorrt targets; {target.name} uses {target.backend}")
+    from edgemix.quant.sensitivity import plan_fallback
+
+    t = time.perf_counter()
+    x = eval_inputs.numpy()
+    plan = plan_fallback(artifact.files["model"], model, x[:64], target.budget,
+                         lambda pred: drift_metrics(ref_logits, batched_predict(pred, x), labels), threads=threads)
+    if plan["keep_fp32"]:
+        job.options["keep_fp32"] = list(plan["keep_fp32"])
+        artifact = backend.build(job)
+    artifact.details["fallback"] = {k: plan[k] for k in ("keep_fp32", "met", "steps", "ranking")}
+    kept = ", ".join(plan["keep_fp32"]) or "none"
+    stages("fallback", f"budget {'met' if plan['met'] else 'NOT met'}; layers kept in FP32: {kept}",
+           time.perf_counter() - t)
+    return artifact
+
+
 def _build_in(stage_dir, cfg, target, backend, recipe, model, spec, weights, calib_set, calib_inputs, eval_set,
               train_set, threads, stages, fingerprint) -> dict:
     # ---------------------------------------------------------------- FP32 reference
@@ -208,12 +229,18 @@ def _build_in(stage_dir, cfg, target, backend, recipe, model, spec, weights, cal
     job = BuildJob(
         model=model, spec=spec, target=target, precision=cfg.precision, recipe=recipe, calib_inputs=calib_inputs,
         stage_dir=stage_dir, basename=basename, qat_epochs=cfg.qat_epochs, train_set=train_set,
+        # QAT fine-tunes a converged model to absorb rounding: plain data, no label smoothing or decay,
+        # which would pull it away from the FP32 optimum it is meant to stay near
         train_config=TrainConfig(epochs=cfg.qat_epochs or 1.0, batch_size=cfg.qat_batch_size, lr=cfg.qat_lr,
-                                 warmup_epochs=0.0, seed=recipe.seed),
+                                 warmup_epochs=0.0, seed=recipe.seed, augment=False, label_smoothing=0.0,
+                                 weight_decay=0.0),
         bundle_inputs=eval_inputs[:bundle_n], bundle_outputs=torch.from_numpy(ref_logits[:bundle_n]),
         options=dict(cfg.backend_options), stage=stages,
     )
     artifact = backend.build(job)
+    if cfg.fallback and cfg.precision == "int8":
+        artifact = _accuracy_fallback(backend, job, artifact, model, eval_inputs, ref_logits, labels, target,
+                                      threads, stages)
     # Runtime-independent reference data for device runners (`edgemix bench`): inputs and the FP32
     # reference's outputs for them, so every device can report its own drift.
     ref_io = stage_dir / "reference_io.npz"

@@ -218,3 +218,23 @@ def test_phone_qat_build_runs(tmp_path):
     r = _report(out)
     assert r["quantization"]["qat_epochs"] == 0.1 and "[      qat]" in p.stdout
     assert r["drift"]["agreement"] >= 0.9  # a few QAT steps at lr 1e-4 barely move a PTQ-quality model
+
+
+def test_jetson_fallback_keeps_sensitive_layers_until_budget(tmp_path):
+    """A profile with a stricter cosine budget than INT8 meets: the build ranks the layers and keeps
+    the most sensitive ones in FP32 until the budget is met, and says which."""
+    from edgemix.config import TARGETS_DIR
+
+    strict = (TARGETS_DIR / "jetson-orin-nano.toml").read_text().replace("min_cosine = 0.98", "min_cosine = 0.99995")
+    profile = tmp_path / "strict-jetson.toml"
+    profile.write_text(strict)
+    out = tmp_path / "fb"
+    p = run_cli("build", "--target", profile, "--fallback", "--eval-limit", "100", "--no-compare-fp32",
+                "--latency-runs", "5", "--out", out)
+    assert p.returncode == 0, p.stdout + p.stderr
+    fb = _report(out)["details"]["fallback"]
+    assert fb["met"] and fb["keep_fp32"], fb["steps"]
+    assert len(fb["ranking"]) == 18  # 16 block Linears + head + stem Conv, ranked
+    assert fb["keep_fp32"] == [r["layer"] for r in fb["ranking"]][:len(fb["keep_fp32"])]  # most sensitive first
+    assert _report(out)["drift"]["cosine_mean"] >= 0.99995
+    assert "layers kept in FP32" in p.stdout and "Per-layer sensitivity" in (out / "report.md").read_text()

@@ -133,6 +133,13 @@ def render_markdown(r: dict) -> str:
     lines += ["", "## Stages", "", "| stage | produced | seconds |", "|---|---|---|"]
     for s in r["stages"]:
         lines.append(f"| {s['name']} | {s['produced']} | {s['seconds']:.1f} |")
+    fb = r.get("details", {}).get("fallback")
+    if fb:
+        lines += ["", "## Per-layer sensitivity (drift with only this layer in INT8)", "",
+                  "| layer | 1 - cosine | agreement |", "|---|---|---|"]
+        lines += [f"| {row['layer']} | {row['drift']:.2e} | {_pct(row['agreement'])} |" for row in fb["ranking"]]
+        lines += ["", f"Kept in FP32 to meet the budget: {', '.join(fb['keep_fp32']) or 'none'} "
+                      f"(budget {'met' if fb['met'] else 'NOT met'})."]
     for key, title in (("delegation", "Delegation"), ("engine", "TensorRT engine"), ("compatibility", "TensorRT check")):
         if key in r.get("details", {}):
             lines += ["", f"## {title}", "", "```json", json.dumps(r["details"][key], indent=2, default=str)[:4000], "```"]
