@@ -142,31 +142,25 @@ def load_targets(folder: Path = TARGETS_DIR) -> dict[str, TargetProfile]:
     return {p.stem: _load_model(TargetProfile, p, "target profile") for p in sorted(folder.glob("*.toml"))}
 
 
-def resolve_target(name: str, folder: Path = TARGETS_DIR) -> TargetProfile:
-    """A profile by name or alias, or a path to a .toml profile of the user's own."""
+def _resolve(cls, name: str, folder: Path, what: str, kind: str, aliases: dict[str, str]):
+    """A file by name (or alias) in ``folder``, or a path to a .toml of the user's own."""
     if name.endswith(".toml") or "/" in name:
         path = Path(name)
         if not path.is_file():
-            raise UsageError(f"target profile file '{name}' does not exist")
-        return _load_model(TargetProfile, path, "target profile")
-    key = ALIASES.get(name, name)
-    path = folder / f"{key}.toml"
+            raise UsageError(f"{what} file '{name}' does not exist")
+        return _load_model(cls, path, what)
+    path = folder / f"{aliases.get(name, name)}.toml"
     if not path.is_file():
-        choices = [p.stem for p in folder.glob("*.toml")] + list(ALIASES)
-        raise unknown_choice("target", name, choices)
-    return _load_model(TargetProfile, path, "target profile")
+        raise unknown_choice(kind, name, [p.stem for p in folder.glob("*.toml")] + list(aliases))
+    return _load_model(cls, path, what)
+
+
+def resolve_target(name: str, folder: Path = TARGETS_DIR) -> TargetProfile:
+    return _resolve(TargetProfile, name, folder, "target profile", "target", ALIASES)
 
 
 def resolve_recipe(name: str, folder: Path = CALIB_DIR) -> CalibRecipe:
-    if name.endswith(".toml") or "/" in name:
-        path = Path(name)
-        if not path.is_file():
-            raise UsageError(f"calibration recipe file '{name}' does not exist")
-        return _load_model(CalibRecipe, path, "calibration recipe")
-    path = folder / f"{name}.toml"
-    if not path.is_file():
-        raise unknown_choice("calibration recipe", name, [p.stem for p in folder.glob("*.toml")])
-    return _load_model(CalibRecipe, path, "calibration recipe")
+    return _resolve(CalibRecipe, name, folder, "calibration recipe", "calibration recipe", {})
 
 
 class BuildConfig(_Strict):
@@ -211,6 +205,6 @@ def write_resolved_toml(path: Path, cfg: BuildConfig, target: TargetProfile, rec
            "calibration": clean(recipe.model_dump(mode="json"))}
     text = ("# Every input of this build with its defaults made explicit (unset options are omitted).\n"
             + tomli_w.dumps(doc))
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    from edgemix.fileutil import write_text_atomic
+
+    write_text_atomic(path, text)

@@ -46,7 +46,7 @@ def tensor_sha256(t: torch.Tensor) -> str:
 
 
 def file_record(path: Path) -> dict:
-    from edgemix.models.checkpoints import file_sha256
+    from edgemix.fileutil import file_sha256
 
     return {"name": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 

@@ -6,7 +6,6 @@ against the model: missing, unexpected and wrong-shaped keys are reported togeth
 
 from __future__ import annotations
 
-import hashlib
 import re
 import zipfile
 from pathlib import Path
@@ -15,19 +14,12 @@ import numpy as np
 import torch
 
 from edgemix.errors import CheckpointError
+from edgemix.fileutil import file_sha256
 from edgemix.models.mixer import MixerSpec, MlpMixer
 
 FORMAT = "edgemix-checkpoint"
 FORMAT_VERSION = 1
 HEAD_KEYS = ("head.weight", "head.bias")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- edgemix's own format

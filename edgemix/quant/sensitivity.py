@@ -21,7 +21,7 @@ from onnx import numpy_helper
 
 from edgemix import console
 from edgemix.backends.trt_check import GEMM_OPS, PASS_THROUGH
-from edgemix.quant.qdq import TRANSPOSED_SUFFIX, qdq_layout
+from edgemix.quant.qdq import TRANSPOSED_SUFFIX, _graph_maps, qdq_layout
 
 
 @dataclass
@@ -44,13 +44,7 @@ class FallbackResult:
         return {"keep_fp32": self.keep_fp32, "met": self.met, "steps": self.steps}
 
 
-def _producers_consumers(graph):
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    return producers, consumers
+_producers_consumers = _graph_maps
 
 
 def _layer_inputs(graph, producers, inits):

@@ -12,7 +12,6 @@ statistics are computed on the host with the same functions `edgemix build` uses
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemix.errors import DeviceError, UsageError
+from edgemix.fileutil import file_sha256
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEVICE_SCRIPT = REPO_ROOT / "bench" / "device" / "edgemix_device_runner.py"
@@ -30,12 +30,7 @@ ERROR_MARK = "EDGEMIX_BENCH_ERROR "
 SCHEMA_VERSION = 1
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+sha256_file = file_sha256
 
 
 @dataclass

@@ -14,6 +14,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 from edgemix.errors import UsageError
+from edgemix.fileutil import write_text_atomic
 
 
 @dataclass
@@ -136,19 +137,11 @@ def write_junit(path: Path, checks: list[Check], suite: str) -> None:
         lines.append(f"    <system-out>{escape(msg + '; ' + c.detail)}</system-out>")
         lines.append("  </testcase>")
     lines.append("</testsuite>")
-    _atomic_write(path, "\n".join(lines) + "\n")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def update_baseline(path: Path, report: dict) -> None:
-    _atomic_write(path, json.dumps(baseline_of(report), indent=2, default=str) + "\n")
+    write_text_atomic(path, json.dumps(baseline_of(report), indent=2, default=str) + "\n")
 
 
 def read_baseline(path: Path) -> dict:

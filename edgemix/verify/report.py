@@ -10,6 +10,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from edgemix.fileutil import write_text_atomic
+
 SCHEMA_VERSION = 1
 TRACKED_LIBRARIES = ("torch", "executorch", "torchao", "nncf", "onnx", "onnxruntime", "onnxsim", "numpy")
 
@@ -61,10 +63,7 @@ def build_metadata() -> dict:
             "machine": machine_facts(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+write_atomic = write_text_atomic
 
 
 def write_json(path: Path, data: dict) -> None:
