@@ -185,6 +185,7 @@ class BuildConfig(_Strict):
     bundle_images: int = Field(8, ge=1)
     latency_warmup: int = Field(5, ge=0)
     latency_runs: int = Field(30, ge=3)
+    latency_seconds: float = Field(2.0, ge=0)  # keep timing rounds past latency_runs until this much time
     threads: int | None = Field(None, ge=1)
     compare_fp32: bool = True
     isa_check: bool = True

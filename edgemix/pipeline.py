@@ -269,7 +269,7 @@ def _build_in(stage_dir, cfg, target, backend, recipe, model, spec, weights, cal
                             options=dict(cfg.backend_options), stage=lambda *a: None)
         fp32_artifact = backend.build(fp32_job)
         paths["fp32"] = backend.load_predictor(fp32_artifact, threads)
-    samples = measure_interleaved(paths, x, cfg.latency_warmup, cfg.latency_runs)
+    samples = measure_interleaved(paths, x, cfg.latency_warmup, cfg.latency_runs, cfg.latency_seconds)
     latency = summarize(samples["deployed"], predictor.batch_size)
     latency.update(threads=threads, warmup=cfg.latency_warmup)
     comparison = None
@@ -286,7 +286,7 @@ def _build_in(stage_dir, cfg, target, backend, recipe, model, spec, weights, cal
         }
         shutil.rmtree(stage_dir / "fp32-comparison", ignore_errors=True)
     stages("latency", f"p50 {latency['p50']:.2f} ms, p90 {latency['p90']:.2f} ms (batch {predictor.batch_size}, "
-                      f"{threads} threads, {cfg.latency_runs} runs)"
+                      f"{threads} threads, {latency['runs']} runs)"
                       + (f"; {comparison['latency_ratio']:.2f}x the FP32 artifact" if comparison else ""),
            time.perf_counter() - t)
 

@@ -54,4 +54,15 @@ def test_latency_summary_and_interleaving():
     assert s["throughput_ips"] == pytest.approx(2000 / 3)
     calls = []
     out = measure_interleaved({"a": lambda x: calls.append("a"), "b": lambda x: calls.append("b")}, None, 1, 3)
-    assert calls == ["a", "b", "a", "b", "a", "b", "a", "b"] and len(out["a"]) == 3
+    # warm-up a, b; then rounds alternate their order so neither always runs second
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"] and len(out["a"]) == 3
+
+
+def test_interleaved_timing_runs_past_the_count_until_the_time_floor():
+    import time
+
+    out = measure_interleaved({"a": lambda x: time.sleep(0.001), "b": lambda x: None}, None, 0, 3,
+                              min_seconds=0.1, max_runs=10_000)
+    assert 30 <= len(out["a"]) == len(out["b"]) < 110  # ~1 ms a round for 0.1 s, not just the 3 asked
+    capped = measure_interleaved({"a": lambda x: None}, None, 0, 3, min_seconds=60, max_runs=50)
+    assert len(capped["a"]) == 50
