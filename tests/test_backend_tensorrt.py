@@ -84,7 +84,7 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- PTQ build
 
-def test_int8_build_writes_checked_qdq_onnx(int8_build):
+def test_int8_build_writes_checked_qdq_onnx(int8_build, fmnist):
     _, art, stages = int8_build
     assert [s[0] for s in stages] == ["calibrate", "export", "trt-check", "engine"]  # one line per stage
     proto = onnx.load(str(art.files["model"]))
@@ -94,6 +94,10 @@ def test_int8_build_writes_checked_qdq_onnx(int8_build):
     report = check_tensorrt_compat(proto, "10.3", precision="int8", batch_range=(1, 1, 8))
     assert report.ok, report.format()
     assert not list(art.files["model"].parent.glob(".*tmp*"))  # temp names were all renamed away
+    # every quantized weight ships as INT8: the file is little more than a quarter of the FP32 parameters
+    assert report.int8_weights == len(qdq.quantizable_layers(fmnist))
+    fp32_bytes = 4 * sum(p.numel() for p in fmnist.parameters())
+    assert art.files["model"].stat().st_size < 0.35 * fp32_bytes
 
 
 def test_qdq_layout_is_what_tensorrt_wants(int8_build, fmnist):
@@ -113,7 +117,8 @@ def test_qdq_layout_is_what_tensorrt_wants(int8_build, fmnist):
     assert any(r["op"] == "MatMul" and r["weight_expected_axis"] == 1 for r in gemms)
     producers = {o: n for n in proto.graph.node for o in n.output}
     assert all(producers[n.input[1]].op_type == "DequantizeLinear" for n in proto.graph.node if n.op_type == "MatMul")
-    assert len(art.quantization["layout_fixes"]) == sum(r["op"] == "MatMul" for r in gemms)
+    folded = [f for f in art.quantization["layout_fixes"] if f.startswith("folded weight transpose")]
+    assert len(folded) == sum(r["op"] == "MatMul" for r in gemms)
     # LayerNorm and GELU (Erf) stay float: nothing quantizes their inputs
     counts = op_counts(proto)
     assert counts["LayerNormalization"] == 2 * fmnist.spec.depth + 1 and counts["Erf"] == 2 * fmnist.spec.depth
@@ -404,7 +409,7 @@ def test_layout_fix_folds_weight_transpose_and_keeps_numbers():
     issues = check_tensorrt_compat(wrong, "10.3").issues
     assert [i.rule for i in issues] == ["qdq-axis"] and "w_dq" in issues[0].nodes[0]
     fixed, fixes = qdq.to_tensorrt_layout(m)
-    assert len(fixes) == 1 and "w_transpose" in fixes[0]
+    assert len(fixes) == 2 and "w_transpose" in fixes[0] and "INT8" in fixes[1]
     assert "Transpose" not in op_counts(fixed) and check_tensorrt_compat(fixed, "10.3").ok, \
         check_tensorrt_compat(fixed, "10.3").format()
     np.testing.assert_allclose(_ort(fixed, x), before, rtol=1e-6, atol=1e-6)  # same math, new layout
@@ -418,8 +423,27 @@ def test_layout_fix_turns_uint8_pairs_into_int8():
     assert any("uint8" in f for f in fixes) and check_tensorrt_compat(fixed, "10.3").ok
     # int8 over the same range has half the resolution: within one (new) quantization step per input
     step = 0.01 * 255 / 127
-    np.testing.assert_allclose(_ort(fixed, x), before, atol=step * np.abs(numpy_helper.to_array(
-        fixed.graph.initializer[0])).sum(0).max())
+    w = numpy_helper.to_array(qdq_matmul().graph.initializer[0])  # fixed in place: W is INT8 there now
+    np.testing.assert_allclose(_ort(fixed, x), before, atol=step * np.abs(w).sum(0).max())
+
+
+def test_weights_are_stored_int8_with_the_same_numbers():
+    """Q(FP32 W) -> DQ becomes INT8 W -> DQ: onnxruntime computes exactly what it computed before."""
+    m = qdq_matmul(w_scale=[0.02, 0.05, 0.01])
+    x = np.random.default_rng(3).standard_normal((1, 4)).astype(np.float32)
+    before = _ort(m, x)
+    w = numpy_helper.to_array(m.graph.initializer[0])
+    fixed, fixes = qdq.to_tensorrt_layout(m)
+    assert fixes == ["stored 1 weights as INT8 initializers read by DequantizeLinear (Q folded at build)"]
+    stored = numpy_helper.to_array(next(i for i in fixed.graph.initializer if i.name == "W"))
+    assert stored.dtype == np.int8
+    # ONNX QuantizeLinear: round half to even, per output channel; saturate at 127 (0.01 scale, |w| ~ 2)
+    expect = np.clip(np.rint(w / np.array([0.02, 0.05, 0.01], np.float32)), -128, 127)
+    np.testing.assert_array_equal(stored, expect.astype(np.int8))
+    assert [n.name for n in fixed.graph.node if n.op_type == "QuantizeLinear"] == ["act_q"]
+    np.testing.assert_array_equal(_ort(fixed, x), before)
+    report = check_tensorrt_compat(fixed, "10.3")
+    assert report.ok and report.qdq_pairs == 2 and report.int8_weights == 1, report.format()
 
 
 def test_onnxsim_keeps_qdq():

@@ -92,7 +92,8 @@ class CompatReport:
     batch_range: tuple[int, int, int] | None
     issues: list[Issue]
     ops: dict[str, int]
-    qdq_pairs: int
+    qdq_pairs: int  # Q -> DQ pairs, counting a DQ of a stored INT8 weight as one (its Q folded at build)
+    int8_weights: int = 0
 
     @property
     def ok(self) -> bool:
@@ -106,7 +107,7 @@ class CompatReport:
     def format(self) -> str:
         if self.ok:
             return (f"TensorRT {self.tensorrt} compatibility: ok (opset {self.opset}, {sum(self.ops.values())} nodes, "
-                    f"{self.qdq_pairs} Q/DQ pairs)")
+                    f"{self.qdq_pairs} Q/DQ pairs, {self.int8_weights} weights stored INT8)")
         lines = [f"TensorRT {self.tensorrt} compatibility: {len(self.issues)} problem(s)"]
         for i in self.issues:
             named = f" [{', '.join(i.nodes[:5])}{', ...' if len(i.nodes) > 5 else ''}]" if i.nodes else ""
@@ -168,7 +169,7 @@ def check_tensorrt_compat(proto: onnx.ModelProto, tensorrt_version: str, *, prec
     if dyn_axes:
         issues.append(Issue("shape", "Reduce axes computed at run time", "make the axes an initializer "
                                                                          "(export with constant folding)", dyn_axes))
-    pairs, qdq_issues = _check_qdq(proto)
+    pairs, int8_weights, qdq_issues = _check_qdq(proto)
     issues += qdq_issues
     if precision == "int8" and pairs == 0:
         issues.append(Issue("precision", "an int8 build without Q/DQ nodes would need TensorRT's implicit "
@@ -179,7 +180,8 @@ def check_tensorrt_compat(proto: onnx.ModelProto, tensorrt_version: str, *, prec
     ops: dict[str, int] = {}
     for n in graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
-    return CompatReport(tensorrt_version, sup.version, opset, precision, batch_range, issues, ops, pairs)
+    return CompatReport(tensorrt_version, sup.version, opset, precision, batch_range, issues, ops, pairs,
+                        int8_weights)
 
 
 def _check_shapes(graph, batch_range) -> list[Issue]:
@@ -211,7 +213,7 @@ def _const(name, inits, producers):
     return None
 
 
-def _check_qdq(proto) -> tuple[int, list[Issue]]:
+def _check_qdq(proto) -> tuple[int, int, list[Issue]]:
     graph = proto.graph
     inits = {i.name: i for i in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}
@@ -222,8 +224,11 @@ def _check_qdq(proto) -> tuple[int, list[Issue]]:
     ranks = _ranks(proto)
     bad: dict[str, list[str]] = {k: [] for k in ("zp", "zp_type", "scale", "scale_const", "axis", "act_axis",
                                                    "pair", "weight_axis")}
-    pairs = 0
+    pairs = int8_weights = 0
     for n in (n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")):
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits:
+            int8_weights += 1  # a weight stored quantized: the pair's Q was folded at build
+            pairs += 1
         name = node_name(n)
         scale = _const(n.input[1], inits, producers)
         zp = _const(n.input[2], inits, producers) if len(n.input) > 2 and n.input[2] else None
@@ -295,7 +300,7 @@ def _check_qdq(proto) -> tuple[int, list[Issue]]:
          "every Q must be followed by a DQ in explicit-quantization graphs"),
     ]
     issues = [Issue(rule, msg, fix, bad[key]) for key, rule, msg, fix in rules if bad[key]]
-    return pairs, issues
+    return pairs, int8_weights, issues
 
 
 def _ranks(proto) -> dict[str, int]:
