@@ -69,3 +69,22 @@ def test_unknown_model_names_choices_and_closest():
 def test_image_size_not_multiple_of_patch():
     with pytest.raises(UsageError, match="not a multiple of"):
         resolve_spec("s16", img_size=100)
+
+
+def test_layernorm_affine_folds_into_the_linear_that_reads_it():
+    from edgemix.models.mixer import fold_layernorm_affine
+
+    torch.manual_seed(0)
+    model = build_model(resolve_spec("fmnist")).eval()
+    for m in model.modules():  # a trained-looking model: non-trivial scales, shifts and head
+        if isinstance(m, torch.nn.LayerNorm):
+            torch.nn.init.normal_(m.weight, 1.0, 0.5), torch.nn.init.normal_(m.bias, 0.0, 0.5)
+    torch.nn.init.normal_(model.head.weight, 0.0, 0.1)
+    x = torch.randn(8, 1, 28, 28)
+    folded, n = fold_layernorm_affine(model)
+    assert n == model.spec.depth + 1  # norm2 of every block and the pre-head norm
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+    assert folded.norm.weight is None and all(b.norm2.weight is None for b in folded.blocks)
+    assert all(b.norm1.weight is not None for b in folded.blocks)  # token-side: cannot fold
+    assert model.norm.weight is not None  # the caller's model is untouched

@@ -165,3 +165,40 @@ def count_params(model: nn.Module, include_head: bool = True) -> int:
 
 def build_model(spec: MixerSpec) -> MlpMixer:
     return MlpMixer(spec)
+
+
+def _fold_affine_into(ln: nn.LayerNorm, linear: nn.Linear) -> None:
+    """linear(gamma * n + beta) == linear'(n): W' = W diag(gamma), b' = b + W beta; ln loses its affine."""
+    with torch.no_grad():
+        w = linear.weight.double()
+        bias = linear.bias.double() if linear.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+        if ln.bias is not None:
+            bias = bias + w @ ln.bias.double()
+        if ln.weight is not None:
+            w = w * ln.weight.double()[None, :]
+        linear.weight.copy_(w.to(linear.weight.dtype))
+        if linear.bias is None:
+            linear.bias = nn.Parameter(bias.to(linear.weight.dtype))
+        else:
+            linear.bias.copy_(bias.to(linear.bias.dtype))
+    ln.register_parameter("weight", None)
+    ln.register_parameter("bias", None)
+    ln.elementwise_affine = False
+
+
+def fold_layernorm_affine(model: MlpMixer) -> tuple[MlpMixer, int]:
+    """A copy of ``model`` with each LayerNorm's scale and shift folded into the Linear that reads it.
+
+    Two LayerNorms per block feed a Linear over channels: ``norm2`` (channel MLP ``fc1``) and the
+    pre-head ``norm`` (the token mean is linear, so ``head`` absorbs it). ``norm1`` cannot fold:
+    its Linear mixes tokens, while its scale is per channel. The folded LayerNorms compute only
+    (x - mean) / std, two element-wise ops fewer each when written as separate ops (the XNNPACK
+    rewrite); the function is the same up to float rounding. Returns (copy, LayerNorms folded).
+    """
+    import copy
+
+    folded = copy.deepcopy(model)
+    pairs = [(b.norm2, b.mlp_channels.fc1) for b in folded.blocks] + [(folded.norm, folded.head)]
+    for ln, linear in pairs:
+        _fold_affine_into(ln, linear)
+    return folded, len(pairs)
