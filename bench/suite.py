@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import resource
 import sys
 import tempfile
 import time
@@ -35,6 +34,18 @@ PATHS = [  # (name, backend, precision)
     ("executorch fp32", "executorch", "fp32"),
     ("executorch int8", "executorch", "int8"),
 ]
+
+
+def _status_mb(field: str) -> float | None:
+    """VmRSS / VmHWM of this process in MB (Linux). ru_maxrss is not used: it survives exec, so a
+    spawned child would report its parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def _target_for(backend: str, batch: int, threads: int):
@@ -72,7 +83,7 @@ def _build_child(args) -> dict:
     return {"files": {k: str(v) for k, v in art.files.items()}, "runtime": art.runtime,
             "batch_size": art.batch_size, "dynamic_batch": art.dynamic_batch, "quantization": art.quantization,
             "details": art.details, "build_s": time.perf_counter() - t,
-            "build_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "build_peak_rss_mb": _status_mb("VmHWM"),  # this child's own peak: exec started a fresh one
             "bytes": Path(art.files["model"]).stat().st_size}
 
 
@@ -108,8 +119,11 @@ def run(models, batches, runs, warmup, threads, calib_images, paths) -> dict:
                     art = BuiltArtifact(files={k: Path(v) for k, v in built["files"].items()},
                                         runtime=built["runtime"], batch_size=built["batch_size"],
                                         dynamic_batch=built["dynamic_batch"])
+                    rss0 = _status_mb("VmRSS")
                     fns[name] = get_backend(backend_name).load_predictor(art, threads)
+                    fns[name](xn)  # loaded and run once: the runtime's buffers are allocated
                     info[name] = {k: built[k] for k in ("build_s", "build_peak_rss_mb", "bytes")}
+                    info[name]["inference_rss_mb"] = _status_mb("VmRSS") - rss0 if rss0 is not None else None
                     print(f"  built {alias} b{batch} {name} in {built['build_s']:.1f} s", flush=True)
                 samples = measure_interleaved(fns, xn, warmup, runs)
                 eager_p50 = summarize(samples["torch eager fp32"], batch)["p50"] if "torch eager fp32" in samples else None
@@ -122,8 +136,7 @@ def run(models, batches, runs, warmup, threads, calib_images, paths) -> dict:
                             "ratio_vs_ort_fp32": lat["p50"] / ort_fp32 if ort_fp32 and "onnxruntime" in name else None,
                             **info[name]}
                     results["cases"].append(case)
-                results.setdefault("inference_peak_rss_mb", {})[f"{alias}_b{batch}"] = \
-                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                results.setdefault("inference_peak_rss_mb", {})[f"{alias}_b{batch}"] = _status_mb("VmHWM")
                 del fns
     return results
 
@@ -133,13 +146,14 @@ def print_table(results: dict) -> None:
     from rich.table import Table
 
     t = Table("model", "batch", "path", "p50 ms", "p90 ms", "ms/image", "vs eager", "vs ORT fp32", "size MB",
-              "build s", "build RSS MB", title=f"edgemix host suite ({results['threads']} threads, "
+              "build s", "build RSS MB", "run +RSS MB", title=f"edgemix host suite ({results['threads']} threads, "
                                                  f"{results['runs']} interleaved runs after {results['warmup']} warm-up)")
     for c in results["cases"]:
         t.add_row(c["model"], str(c["batch"]), c["path"], f"{c['p50_ms']:.2f}", f"{c['p90_ms']:.2f}",
                   f"{c['per_image_ms']:.2f}", f"{c['ratio_vs_torch_eager']:.2f}x" if c["ratio_vs_torch_eager"] else "-",
                   f"{c['ratio_vs_ort_fp32']:.2f}x" if c["ratio_vs_ort_fp32"] else "-", f"{c['bytes'] / 2**20:.1f}",
-                  f"{c['build_s']:.1f}", f"{c.get('build_peak_rss_mb', 0):.0f}" if c.get("build_peak_rss_mb") else "-")
+                  f"{c['build_s']:.1f}", f"{c.get('build_peak_rss_mb', 0):.0f}" if c.get("build_peak_rss_mb") else "-",
+                  f"{c['inference_rss_mb']:.0f}" if c.get("inference_rss_mb") is not None else "-")
     Console(width=170).print(t)
 
 
