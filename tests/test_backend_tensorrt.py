@@ -200,6 +200,23 @@ def test_build_engine_script_checks_the_device(int8_build, tmp_path):
             (folder / name).unlink(missing_ok=True)
 
 
+def test_static_batch_qdq_runs_integer_gemms_on_the_host(fmnist, data, tmp_path):
+    """A static-shape QDQ graph must not lose its INT8 GEMMs to onnxruntime's MatMul+Add -> Gemm fusion."""
+    from edgemix.backends.tensorrt import ort_session
+
+    job = make_job(fmnist, data, tmp_path / "build")
+    job.target = job.target.model_copy(update={"batch_sizes": [1]})
+    art = get_backend("tensorrt").build(job)
+    assert not art.dynamic_batch
+    exported = op_counts(onnx.load(str(art.files["model"])))
+    optimized = tmp_path / "optimized.onnx"
+    ort_session(art.files["model"], 1, optimized)
+    ops = onnx.load(str(optimized)).graph.node
+    producers = {o: n for n in ops for o in n.output}
+    integer = sum(n.op_type in ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger") for n in ops)
+    assert integer == exported["MatMul"], op_counts(onnx.load(str(optimized)))
+
+
 def test_fp16_build_is_plain_fp32_onnx(fmnist, data, tmp_path):
     art = get_backend("tensorrt").build(make_job(fmnist, data, tmp_path, precision="fp16"))
     proto = onnx.load(str(art.files["model"]))

@@ -180,24 +180,46 @@ def build_engine(onnx_path: Path, engine_path: Path, cache_path: Path, *, precis
             "profile": {"min": lo, "opt": opt, "max": hi}, "build_s": round(time.perf_counter() - t0, 1)}
 
 
+def _has_qdq(model) -> bool:
+    import onnx
+
+    proto = onnx.load(str(model), load_external_data=False) if isinstance(model, (str, Path)) else model
+    return any(n.op_type == "DequantizeLinear" for n in proto.graph.node)
+
+
+def ort_session(model, threads: int, optimized_model_path: Path | None = None):
+    """The onnxruntime CPU session edgemix times and verifies with.
+
+    ORT_ENABLE_ALL, without which Q/DQ run as float ops. For a QDQ model, also without
+    MatMulAddFusion: on a static-shape graph that level-1 fusion rewrites DQ -> MatMul -> Add into
+    Reshape -> Gemm before the level-2 QDQ selectors run, so every GEMM then runs in float on
+    dequantized weights. Measured (S/16, batch 1 static, 2 threads): 86.7 ms with the fusion, 19.7
+    ms without (32 MatMulIntegerToFloat), FP32 50.0 ms. A dynamic-batch export escapes it either way.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # below it, QDQ runs as float
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    # no spin-waiting: this session is timed interleaved with others in one process (INT8 vs
+    # FP32, the bench suite), and a session's spinning pool threads take the cores the next
+    # session needs. S/16, 2 threads, interleaved: INT8 33.2 / FP32 73.5 ms spinning, 17.7 / 43.0
+    # ms without; torch eager beside them 90.6 vs 53.5 ms.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    if optimized_model_path is not None:
+        so.optimized_model_filepath = str(optimized_model_path)
+    source = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
+    disabled = ["MatMulAddFusion"] if _has_qdq(model) else None
+    return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+
+
 class OnnxRuntimePredictor:
-    """The host proxy: onnxruntime on the CPU with every graph optimization (QDQ -> integer GEMMs)."""
+    """The host proxy: onnxruntime on the CPU, the session of :func:`ort_session`."""
 
     def __init__(self, model, threads: int, batch_size: int, dynamic_batch: bool):
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # below it, QDQ runs as float
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        # no spin-waiting: this predictor is timed interleaved with others in one process (INT8 vs
-        # FP32, the bench suite), and a session's spinning pool threads take the cores the next
-        # session needs. S/16, 2 threads, interleaved: INT8 33.2 / FP32 73.5 ms spinning, 17.7 / 43.0
-        # ms without; torch eager beside them 90.6 vs 53.5 ms.
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.log_severity_level = 3
-        source = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
-        self.session = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+        self.session = ort_session(model, threads)
         self.input_name = self.session.get_inputs()[0].name
         self.batch_size, self.dynamic_batch = batch_size, dynamic_batch
 
