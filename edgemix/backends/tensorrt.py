@@ -183,8 +183,10 @@ def build_engine(onnx_path: Path, engine_path: Path, cache_path: Path, *, precis
 def _has_qdq(model) -> bool:
     import onnx
 
+    from edgemix.backends.onnx_export import op_counts
+
     proto = onnx.load(str(model), load_external_data=False) if isinstance(model, (str, Path)) else model
-    return any(n.op_type == "DequantizeLinear" for n in proto.graph.node)
+    return op_counts(proto)["DequantizeLinear"] > 0
 
 
 def ort_session(model, threads: int, optimized_model_path: Path | None = None):
