@@ -253,7 +253,7 @@ def build_cmd(
 ):
     """Quantize, lower and verify a model for a target; writes artifacts/{model}_{target}_{precision}/."""
     _set_quiet(quiet)
-    from edgemix.config import BuildConfig, resolve_target
+    from edgemix.config import build_config, resolve_target
     from edgemix.models import resolve_spec
     from edgemix.pipeline import build, default_out
 
@@ -268,12 +268,13 @@ def build_cmd(
             raise UsageError(f"--backend-option '{item}' is not KEY=VALUE")
         key, value = item.split("=", 1)
         options[key.strip()] = value.strip()
-    cfg = BuildConfig(
+    cfg = build_config(
         backend_options=options, fallback=fallback,
         model=spec.name, target=target, precision=prec, weights=str(weights) if weights else None,
         random_weights=random_weights, image_size=image_size, num_classes=num_classes, reset_head=reset_head,
         calib=calib, qat_epochs=qat_epochs, train_data=train_data or _default_train_data(), qat_lr=qat_lr,
-        eval_data=eval_data, eval_limit=eval_limit, threads=threads, latency_runs=latency_runs, latency_seconds=latency_seconds,
+        eval_data=eval_data, eval_limit=eval_limit, threads=threads, latency_runs=latency_runs,
+        latency_seconds=latency_seconds,
         compare_fp32=compare_fp32, isa_check=isa_check, out=str(out or default_out(spec.name, profile, prec, qat_epochs > 0)),
         force=force,
     )

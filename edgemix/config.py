@@ -118,6 +118,17 @@ def _format_validation(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def build_config(**fields) -> "BuildConfig":
+    """BuildConfig from command-line values; an out-of-range value is a usage error naming the option."""
+    try:
+        return BuildConfig(**fields)
+    except ValidationError as e:
+        bad = [f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-')} {err.get('input')!r}: {err['msg']}"
+               for err in e.errors()]
+        raise UsageError(f"invalid build option(s): {'; '.join(bad)}",
+                         hint="see edgemix build --help for each option's meaning") from None
+
+
 def _read_toml(path: Path, what: str) -> dict:
     try:
         with open(path, "rb") as f:

@@ -210,14 +210,24 @@ def test_bad_build_requests_fail_fast_and_keep_previous_build(phone, tmp_path):
     assert not [p for p in out.parent.iterdir() if ".staging" in p.name]  # nothing half-written
 
 
+def test_out_of_range_build_options_are_usage_errors(tmp_path):
+    out = tmp_path / "kept"
+    out.mkdir()
+    (out / "report.json").write_text("{}")
+    p = run_cli("build", "--target", "phone", "--latency-seconds", "-1", "--latency-runs", "1", "--out", out, "--force")
+    assert_clean_error(p, 2, "--latency-seconds -1.0", "--latency-runs 1", "greater than or equal")
+    assert [f.name for f in out.iterdir()] == ["report.json"] and (out / "report.json").read_text() == "{}"
+
+
 def test_phone_qat_build_runs(tmp_path):
     """QAT end to end on a few steps (the accuracy claim is in the README, on the full set)."""
     out = tmp_path / "qat"
     p = run_cli("build", "--target", "phone", "--qat-epochs", "0.1", "--train-data", "sample", "--eval-limit", "100",
-                "--no-compare-fp32", "--no-isa-check", "--latency-runs", "5", "--out", out)
+                "--no-compare-fp32", "--no-isa-check", "--latency-runs", "5", "--latency-seconds", "0", "--out", out)
     assert p.returncode == 0, p.stdout + p.stderr
     r = _report(out)
     assert r["quantization"]["qat_epochs"] == 0.1 and "[      qat]" in p.stdout
+    assert r["latency_ms"]["runs"] == 5  # no time floor asked: exactly the runs asked
     assert r["drift"]["agreement"] >= 0.9  # a few QAT steps at lr 1e-4 barely move a PTQ-quality model
 
 
