@@ -249,6 +249,9 @@ def build_cmd(
     backend_option: list[str] = typer.Option([], "--backend-option",
                                              help="KEY=VALUE for the backend (e.g. decompose_layernorm=true)."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if the fingerprint is unchanged."),
+    cache: bool = typer.Option(True, "--cache/--no-cache",
+                               help="Reuse FP32 reference logits and the FP32 comparison artifact from "
+                                    "$EDGEMIX_CACHE_DIR (default ~/.cache/edgemix), keyed by content."),
     quiet: bool = QuietOpt,
 ):
     """Quantize, lower and verify a model for a target; writes artifacts/{model}_{target}_{precision}/."""
@@ -276,7 +279,7 @@ def build_cmd(
         eval_data=eval_data, eval_limit=eval_limit, threads=threads, latency_runs=latency_runs,
         latency_seconds=latency_seconds,
         compare_fp32=compare_fp32, isa_check=isa_check, out=str(out or default_out(spec.name, profile, prec, qat_epochs > 0)),
-        force=force,
+        force=force, cache=cache,
     )
     report = build(cfg)
     d = report["drift"]

@@ -63,6 +63,9 @@ class ExecuTorchSettings(_Strict):
     # arm64 CPU profiles to verify drift on under emulation (qemu -cpu names)
     isa_profiles: list[str] = Field(default_factory=list)
     isa_eval_images: int = Field(64, ge=1)
+    # emulated work per CPU profile, in GMACs: caps the images for big models (qemu runs S/16 INT8 at
+    # ~2.4 s per image on the 2-core host; 8 GMACs = 2 S/16 images, all 64 of fmnist's)
+    isa_eval_gmacs: float = Field(8.0, gt=0)
 
 
 class TargetProfile(_Strict):
@@ -201,6 +204,7 @@ class BuildConfig(_Strict):
     compare_fp32: bool = True
     isa_check: bool = True
     fallback: bool = False
+    cache: bool = True  # reuse the FP32 reference logits and FP32 comparison artifact (edgemix.cache)
     out: str
     force: bool = False
     reference_device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -27,7 +27,7 @@ from edgemix.errors import UsageError
 from edgemix.verify import report as rep
 from edgemix.verify.drift import drift_metrics
 from edgemix.verify.latency import measure_interleaved, summarize
-from edgemix.verify.reference import pick_device, reference_logits
+from edgemix.verify.reference import cached_reference_logits, pick_device
 
 REPORT_FILES = ("report.json", "report.md", "config.resolved.toml")
 
@@ -127,7 +127,7 @@ def build(cfg: BuildConfig) -> dict:
     calib_inputs = to_model_input(calib_set.images, spec)
     fingerprint = _fingerprint({
         "weights": weights["sha256"], "calib": tensor_sha256(calib_set.images), "recipe": recipe.model_dump(),
-        "target": target.model_dump(), "config": cfg.model_dump(exclude={"force", "out"}),
+        "target": target.model_dump(), "config": cfg.model_dump(exclude={"force", "out", "cache"}),
         "versions": rep.library_versions(), "eval": tensor_sha256(eval_set.images),
     })
     if not cfg.force and (out / "report.json").is_file():
@@ -160,7 +160,14 @@ def build(cfg: BuildConfig) -> dict:
     return report
 
 
-def _isa_drift(cfg, target, artifact, eval_inputs, ref_logits, labels, stages) -> dict | None:
+def isa_image_count(settings, spec, available: int) -> int:
+    """Images to emulate per arm64 profile: the profile's count, capped by its GMAC budget (qemu runs
+    S/16 INT8 at ~2.4 s per image here, 64 images x 2 profiles took 5 min), at least one."""
+    by_budget = max(1, int(settings.isa_eval_gmacs * 1e9 // spec.macs()))
+    return max(1, min(settings.isa_eval_images, available, by_budget))
+
+
+def _isa_drift(cfg, target, spec, artifact, eval_inputs, ref_logits, labels, stages) -> dict | None:
     """Drift of the written .pte on the phone's instruction set: the native runner on arm64 kernels
     under qemu, one run per CPU profile of the target, plus the same runner natively on this host.
     Profiles whose emulated matrix instructions fail the runner's self-test are reported as
@@ -171,7 +178,8 @@ def _isa_drift(cfg, target, artifact, eval_inputs, ref_logits, labels, stages) -
     from edgemix import native
 
     t = time.perf_counter()
-    n = min(target.executorch.isa_eval_images, len(eval_inputs))
+    settings = target.executorch
+    n = isa_image_count(settings, spec, len(eval_inputs))
     x, ref, lab = eval_inputs[:n].numpy(), ref_logits[:n], labels[:n]
     rows = []
     host_out, host_run = native.run_pte(artifact.files["model"], x, arch=native.host_arch())
@@ -188,7 +196,7 @@ def _isa_drift(cfg, target, artifact, eval_inputs, ref_logits, labels, stages) -
     summary = ", ".join(f"{r['arch']}/{r['cpu']} agreement {100 * r['agreement']:.1f}%"
                         + ("" if r["trusted"] else " (UNTRUSTED emulator)") for r in rows)
     stages("isa", f"native runner on {n} images: {summary}", time.perf_counter() - t)
-    return {"images": n, "profiles": rows}
+    return {"images": n, "image_budget_gmacs": settings.isa_eval_gmacs, "profiles": rows}
 
 
 def _accuracy_fallback(backend, job, artifact, model, eval_inputs, ref_logits, labels, target, threads, stages):
@@ -212,14 +220,55 @@ def _accuracy_fallback(backend, job, artifact, model, eval_inputs, ref_logits, l
     return artifact
 
 
+def _fp32_artifact(backend, model, spec, target, recipe, calib_inputs, fp32_dir: Path, cfg):
+    """The FP32 artifact of the same target that an INT8 build is timed against: from the build cache
+    when this model, target, backend options, example input and library versions were built before
+    (it is a pure function of them), else built into ``fp32_dir`` and stored. Returns (artifact, cached)."""
+    from edgemix import cache
+    from edgemix.backends.base import BuiltArtifact
+
+    key = None
+    if cfg.cache and cache.root() is not None:
+        key = cache.digest("fp32-artifact-v1", cache.model_digest(model), backend.name,
+                           target.model_dump(mode="json"), cfg.backend_options, rep.library_versions(), calib_inputs)
+        entry = cache.load_folder("fp32-artifact", key, required=("entry.json",))
+        if entry is not None:
+            try:
+                meta = json.loads((entry / "entry.json").read_text())
+                files = {role: entry / name for role, name in meta["files"].items()}
+                if all(p.is_file() for p in files.values()):
+                    return BuiltArtifact(files=files, runtime=meta["runtime"], batch_size=meta["batch_size"],
+                                         dynamic_batch=meta["dynamic_batch"], quantization=meta["quantization"],
+                                         details=meta["details"]), True
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # unreadable entry: rebuild below and overwrite it
+    fp32_dir.mkdir()
+    job = BuildJob(model=model, spec=spec, target=target, precision="fp32", recipe=recipe, calib_inputs=calib_inputs,
+                   stage_dir=fp32_dir, basename=f"{spec.name}_fp32", options=dict(cfg.backend_options),
+                   stage=lambda *a: None)
+    artifact = backend.build(job)
+    if key is not None:
+        model_file = artifact.files["model"]
+        name = model_file.name  # kept: an ONNX past 2 GiB names its weight file <name>.data
+        stored = {name: model_file}
+        if (model_file.parent / f"{name}.data").is_file():
+            stored[f"{name}.data"] = model_file.parent / f"{name}.data"
+        cache.save_folder("fp32-artifact", key, stored,
+                          {"files": {"model": name}, "runtime": artifact.runtime, "batch_size": artifact.batch_size,
+                           "dynamic_batch": artifact.dynamic_batch, "quantization": artifact.quantization,
+                           "details": artifact.details})
+    return artifact, False
+
+
 def _build_in(stage_dir, cfg, target, backend, recipe, model, spec, weights, calib_set, calib_inputs, eval_set,
               train_set, threads, stages, fingerprint) -> dict:
     # ---------------------------------------------------------------- FP32 reference
     t = time.perf_counter()
     ref_device = pick_device(cfg.reference_device)
-    ref_logits = reference_logits(model, eval_set, spec, device=ref_device)
+    ref_logits, ref_cached = cached_reference_logits(model, eval_set, spec, ref_device, cfg.cache)
     labels = eval_set.labels.numpy()
-    stages("reference", f"FP32 logits of {len(eval_set)} images on {ref_device}", time.perf_counter() - t)
+    stages("reference", f"FP32 logits of {len(eval_set)} images on {ref_device}"
+                        + (" (from the build cache)" if ref_cached else ""), time.perf_counter() - t)
 
     eval_inputs = to_model_input(eval_set.images, spec)
     bundle_n = min(cfg.bundle_images, len(eval_set))
@@ -260,14 +309,10 @@ def _build_in(stage_dir, cfg, target, backend, recipe, model, spec, weights, cal
     t = time.perf_counter()
     x = np.ascontiguousarray(np.repeat(eval_inputs[:1].numpy(), predictor.batch_size, axis=0))
     paths = {"deployed": predictor}
-    fp32_artifact = None
+    fp32_artifact = fp32_cached = None
     if cfg.compare_fp32 and cfg.precision == "int8":
-        fp32_dir = stage_dir / "fp32-comparison"
-        fp32_dir.mkdir()
-        fp32_job = BuildJob(model=model, spec=spec, target=target, precision="fp32", recipe=recipe,
-                            calib_inputs=calib_inputs, stage_dir=fp32_dir, basename=f"{spec.name}_fp32",
-                            options=dict(cfg.backend_options), stage=lambda *a: None)
-        fp32_artifact = backend.build(fp32_job)
+        fp32_artifact, fp32_cached = _fp32_artifact(backend, model, spec, target, recipe, calib_inputs,
+                                                    stage_dir / "fp32-comparison", cfg)
         paths["fp32"] = backend.load_predictor(fp32_artifact, threads)
     samples = measure_interleaved(paths, x, cfg.latency_warmup, cfg.latency_runs, cfg.latency_seconds)
     latency = summarize(samples["deployed"], predictor.batch_size)
@@ -283,6 +328,7 @@ def _build_in(stage_dir, cfg, target, backend, recipe, model, spec, weights, cal
             **paired_speed_test(samples["deployed"], samples["fp32"]),
             "fp32_bytes": fp32_bytes, "size_ratio": model_file.stat().st_size / fp32_bytes,
             "float_fallback": artifact.details.get("float_ops", {}),
+            "fp32_from_cache": fp32_cached,
         }
         shutil.rmtree(stage_dir / "fp32-comparison", ignore_errors=True)
     stages("latency", f"p50 {latency['p50']:.2f} ms, p90 {latency['p90']:.2f} ms (batch {predictor.batch_size}, "
@@ -290,7 +336,7 @@ def _build_in(stage_dir, cfg, target, backend, recipe, model, spec, weights, cal
                       + (f"; {comparison['latency_ratio']:.2f}x the FP32 artifact" if comparison else ""),
            time.perf_counter() - t)
 
-    isa = _isa_drift(cfg, target, artifact, eval_inputs, ref_logits, labels, stages)
+    isa = _isa_drift(cfg, target, spec, artifact, eval_inputs, ref_logits, labels, stages)
     files = {role: file_record(p) for role, p in artifact.files.items()}
     meta = rep.build_metadata()
     return {
@@ -304,7 +350,8 @@ def _build_in(stage_dir, cfg, target, backend, recipe, model, spec, weights, cal
         "artifact": {"bytes": files["model"]["bytes"], "files": files, "batch_size": artifact.batch_size,
                      "dynamic_batch": artifact.dynamic_batch},
         "evaluation": {"data": eval_set.source, "samples": len(eval_set)},
-        "reference": {"device": ref_device, "top1": drift["reference_top1"], "samples": len(eval_set)},
+        "reference": {"device": ref_device, "top1": drift["reference_top1"], "samples": len(eval_set),
+                      "from_cache": ref_cached},
         "deployed": {"runtime": artifact.runtime, "top1": drift["deployed_top1"]},
         "drift": {k: v for k, v in drift.items() if k not in ("reference_top1", "deployed_top1")},
         "latency_ms": latency,

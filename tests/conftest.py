@@ -11,6 +11,19 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _build_cache(tmp_path_factory):
+    """One fresh build cache for the session (never the user's ~/.cache/edgemix); CLI subprocesses
+    inherit it through the environment."""
+    old = os.environ.get("EDGEMIX_CACHE_DIR")
+    os.environ["EDGEMIX_CACHE_DIR"] = str(tmp_path_factory.mktemp("edgemix-cache"))
+    yield
+    if old is None:
+        os.environ.pop("EDGEMIX_CACHE_DIR", None)
+    else:
+        os.environ["EDGEMIX_CACHE_DIR"] = old
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     random.seed(0)

@@ -60,13 +60,11 @@ def test_phone_build_artifacts_and_report(phone):
     # INT8 of a trained model: inside the phone profile's budget (1 pt, 97% agreement)
     assert r["drift"]["top1_delta"] >= -1.0 and r["drift"]["agreement"] >= 0.97
     dele = r["details"]["delegation"]
-    assert dele["all_linear_conv_delegated"] is True
-    # only LayerNorm may stay outside (opt-in rewrite, see README), and each exception says why
-    assert {n["op"] for n in dele["not_delegated"]} <= {"aten.native_layer_norm.default"}
-    assert all(n["reasons"] for n in dele["not_delegated"])
-    # every Linear (4 per block + head) and the stem Conv are inside the XNNPACK partition
-    assert dele["delegated"]["aten.linear.default"] >= 4 * 4 + 1 and dele["delegated"]["aten.convolution.default"] == 1
+    # every op of the Mixer in one XNNPACK delegate: LayerNorm rewritten, stem as patchify + Linear
+    assert dele["all_linear_conv_delegated"] is True and dele["partitions"] == 1 and dele["not_delegated"] == []
+    assert dele["delegated"]["aten.linear.default"] >= 4 * 4 + 1 + 1
     assert r["fp32_comparison"]["size_ratio"] < 0.35
+    assert r["reference"]["from_cache"] is False and r["fp32_comparison"]["fp32_from_cache"] is False
 
 
 def test_phone_isa_drift_flags_untrusted_emulation(phone):
@@ -76,6 +74,19 @@ def test_phone_isa_drift_flags_untrusted_emulation(phone):
     # arm64 kernels on a dotprod-class core agree with the host's to quantization noise
     assert prof["cortex-a76"]["agreement"] >= 0.97 and prof["cortex-a76"]["max_abs_vs_host"] < 0.1
     assert prof["max"]["trusted"] is False and "smopa" in prof["max"]["reason"].lower()
+    assert r["isa_drift"]["images"] == 64  # fmnist fits the profile's whole count in its GMAC budget
+
+
+def test_isa_image_count_scales_with_model_cost():
+    from edgemix.config import resolve_target
+    from edgemix.models import resolve_spec
+    from edgemix.pipeline import isa_image_count
+
+    phone = resolve_target("phone").executorch
+    assert isa_image_count(phone, resolve_spec("fmnist"), 300) == 64
+    assert isa_image_count(phone, resolve_spec("fmnist"), 10) == 10
+    assert isa_image_count(phone, resolve_spec("s16"), 1000) == 2  # 8 GMACs / 3.8 GMACs per image
+    assert isa_image_count(phone, resolve_spec("h14"), 1000) == 1  # never zero
 
 
 def test_jetson_build_qdq_onnx_and_engine_script(jetson):
@@ -191,6 +202,20 @@ def test_rebuild_with_same_fingerprint_is_skipped(phone):
     p = run_cli("build", "--target", "phone", "--eval-limit", EVAL, "--latency-runs", "100", "--out", out)
     assert p.returncode == 0 and "up to date" in p.stdout
     assert (out / "report.json").read_text() == before
+
+
+def test_forced_rebuild_reuses_cached_reference_and_fp32_artifact(phone, tmp_path):
+    out, _ = phone
+    again = tmp_path / "again"
+    p = _build(again, "phone", "--force", "--no-isa-check")
+    assert "(from the build cache)" in p.stdout
+    first, second = _report(out), _report(again)
+    assert second["reference"]["from_cache"] is True and second["fp32_comparison"]["fp32_from_cache"] is True
+    # the cached reference is the same reference: same top-1, and the same INT8 artifact drifts the same
+    assert second["reference"]["top1"] == first["reference"]["top1"]
+    assert second["drift"]["agreement"] == first["drift"]["agreement"]
+    assert second["artifact"]["files"]["model"]["sha256"] == first["artifact"]["files"]["model"]["sha256"]
+    assert second["fp32_comparison"]["fp32_bytes"] == first["fp32_comparison"]["fp32_bytes"]
 
 
 def test_bad_build_requests_fail_fast_and_keep_previous_build(phone, tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from edgemix.errors import unknown_choice
 from edgemix.models.mixer import PAPER_NAMES, VARIANTS, MixerSpec, MlpMixer, build_model, count_params
 
@@ -37,7 +39,12 @@ def load_model(alias: str, weights: str | Path | None = None, img_size: int | No
         if stored is not None and stored.name == spec.name:
             # an edgemix checkpoint knows its own image size and class count
             spec = stored.with_overrides(img_size=img_size, num_classes=num_classes)
-    model = build_model(spec)
+    if weights is None:
+        with torch.random.fork_rng():  # seeded: a random-weights build is reproducible (and cacheable)
+            torch.manual_seed(0)
+            model = build_model(spec)
+    else:
+        model = build_model(spec)
     if weights is None:
         if not allow_random:
             raise CheckpointError(

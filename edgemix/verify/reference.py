@@ -36,6 +36,25 @@ def reference_logits(model: torch.nn.Module, data: ImageSet, spec, batch_size: i
     return torch.cat(out).numpy() if out else np.zeros((0, spec.num_classes), np.float32)
 
 
+def cached_reference_logits(model: torch.nn.Module, data: ImageSet, spec, device: str = "cpu",
+                            use_cache: bool = True) -> tuple[np.ndarray, bool]:
+    """:func:`reference_logits`, from the build cache when the same parameters, spec, images, device
+    and torch version were evaluated before. Returns (logits, whether they came from the cache)."""
+    from edgemix import cache
+
+    key = None
+    if use_cache and cache.root() is not None:
+        key = cache.digest("reference-logits-v1", cache.model_digest(model), spec.to_dict(), data.images,
+                           device, torch.__version__)
+        hit = cache.load_arrays("reference", key)
+        if hit is not None and hit.get("logits") is not None and hit["logits"].shape == (len(data), spec.num_classes):
+            return hit["logits"], True
+    logits = reference_logits(model, data, spec, device=device)
+    if key is not None:
+        cache.save_arrays("reference", key, logits=logits)
+    return logits, False
+
+
 def accuracy_table(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> tuple[float, list[dict]]:
     pred = logits.argmax(1)
     per_class = []
