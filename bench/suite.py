@@ -3,12 +3,19 @@
     .venv/bin/python bench/suite.py                       # s16 + fmnist, batch 1 and 8
     .venv/bin/python bench/suite.py --models s16 --batches 1 --runs 20
     .venv/bin/python bench/suite.py --scale               # also b16 and l16, batch 1 (slow)
+    .venv/bin/python bench/suite.py --no-full-builds      # skip the `edgemix build` timings
 
 Paths: torch eager FP32, onnxruntime FP32, onnxruntime on the jetson QDQ ONNX, ExecuTorch FP32
 .pte, ExecuTorch INT8 .pte. Each path is built with edgemix's own backends, then all paths are
 timed round-robin (one run of each in turn) so that machine noise hits all alike; medians and
 p90 of the timed runs after warm-up, ratios against torch eager FP32. Builds run in a child
 process each so that their peak RSS is measured separately from inference.
+
+Full builds: for each model and target, the whole `edgemix build` (reference on the 1,000-image
+sample, calibration on 128 images, lowering, verification, latency vs the FP32 artifact, and for
+the phone the arm64 emulation) is run twice in fresh processes with a fresh build cache: the first
+run pays the one-time costs (the FP32 reference logits, the FP32 comparison artifact), the second
+shows a rebuild. Stage times, totals and each build's peak RSS are reported.
 Writes bench/results/suite.json and prints a table.
 """
 
@@ -85,6 +92,64 @@ def _build_child(args) -> dict:
             "details": art.details, "build_s": time.perf_counter() - t,
             "build_peak_rss_mb": _status_mb("VmHWM"),  # this child's own peak: exec started a fresh one
             "bytes": Path(art.files["model"]).stat().st_size}
+
+
+def _full_build_child(args) -> dict:
+    """Runs in a fresh process: one whole `edgemix build` (edgemix.pipeline.build), its report's
+    stage times and this process's peak RSS."""
+    alias, target, out, cache_dir, threads = args
+    import os
+
+    os.environ["EDGEMIX_CACHE_DIR"] = cache_dir
+    os.environ["CI"] = "true"  # no progress bars in the log
+    from edgemix.config import build_config
+    from edgemix.models import DEFAULT_WEIGHTS
+    from edgemix.pipeline import build
+
+    t = time.perf_counter()
+    cfg = build_config(model=alias, target=target, precision="int8", random_weights=alias not in DEFAULT_WEIGHTS,
+                       out=out, force=True, threads=threads)
+    report = build(cfg)
+    return {"wall_s": time.perf_counter() - t, "build_seconds": report["build_seconds"],
+            "stages": {row["name"]: row["seconds"] for row in report["stages"]},
+            "reference_from_cache": report["reference"].get("from_cache"),
+            "fp32_from_cache": (report.get("fp32_comparison") or {}).get("fp32_from_cache"),
+            "eval_images": report["evaluation"]["samples"], "peak_rss_mb": _status_mb("VmHWM")}
+
+
+def full_builds(models, threads) -> list[dict]:
+    rows = []
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="edgemix-builds-") as tmp:
+        for alias in models:
+            for target in ("phone", "jetson"):
+                cache_dir = Path(tmp) / f"cache-{alias}-{target}"
+                for run_no, label in enumerate(("first (cold cache)", "rebuild (warm cache)")):
+                    out = Path(tmp) / f"{alias}_{target}_{run_no}"
+                    with ctx.Pool(1) as pool:
+                        r = pool.apply(_full_build_child, ((alias, target, str(out), str(cache_dir), threads),))
+                    isa = r["stages"].get("isa", 0.0)
+                    rows.append({"model": alias, "target": target, "run": label, **r,
+                                 "seconds_without_isa": r["build_seconds"] - isa})
+                    print(f"  edgemix build {alias} {target} {label}: {r['build_seconds']:.1f} s "
+                          f"({r['build_seconds'] - isa:.1f} s without arm64 emulation)", flush=True)
+    return rows
+
+
+def print_builds(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    names = []
+    for r in rows:
+        names += [n for n in r["stages"] if n not in names and n != "report"]
+    t = Table("model", "target", "run", "total s", "w/o isa s", *names, "peak RSS MB",
+              title="edgemix build, end to end (1,000 verification images, 128 calibration images)")
+    for r in rows:
+        t.add_row(r["model"], r["target"], r["run"], f"{r['build_seconds']:.1f}", f"{r['seconds_without_isa']:.1f}",
+                  *[f"{r['stages'][n]:.1f}" if n in r["stages"] else "-" for n in names],
+                  f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] else "-")
+    Console(width=190).print(t)
 
 
 def run(models, batches, runs, warmup, threads, calib_images, paths) -> dict:
@@ -166,9 +231,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calib-images", type=int, default=128)
     ap.add_argument("--scale", action="store_true", help="also run b16 and l16 at batch 1")
+    ap.add_argument("--full-builds", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time whole `edgemix build` runs per model and target (cold and warm cache)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "suite.json")
     a = ap.parse_args()
     results = run(a.models, a.batches, a.runs, a.warmup, a.threads, a.calib_images, PATHS)
+    if a.full_builds:
+        results["full_builds"] = full_builds(a.models, a.threads)
     if a.scale:
         scale = run(["b16", "l16"], [1], max(5, a.runs // 4), 2, a.threads, 64, PATHS)
         results["scale"] = scale["cases"]
@@ -180,6 +249,8 @@ def main() -> None:
     print_table(results)
     if "scale" in results:
         print_table({**results, "cases": results["scale"]})
+    if "full_builds" in results:
+        print_builds(results["full_builds"])
     print(f"wrote {a.out}")
 
 
