@@ -170,6 +170,7 @@ def test_baseline_update_and_regression_vs_baseline(phone, tmp_path):
     assert run_cli("gate", out, "--baseline", base).returncode == 0
     # a baseline that was 3 points more accurate and 10x faster: both regressions are caught
     b = json.loads(base.read_text())
+    assert "samples" not in b["latency_ms"] and b["latency_ms"]["runs"] >= 100  # summary, not raw rounds
     b["deployed"]["top1"] += 0.03
     b["latency_ms"]["p50"] /= 10
     b["latency_ms"]["noise_ms"] = 0
