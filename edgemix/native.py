@@ -16,7 +16,6 @@ be copied to a device as is; ``key`` hashes the source, the compiler and the fla
 from __future__ import annotations
 
 import concurrent.futures
-
 import functools
 import hashlib
 import json

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgemix import console
+from edgemix import cache, console
 from edgemix.backends.base import BuildJob, batched_predict, get_backend
 from edgemix.config import ALIASES, BuildConfig, resolve_recipe, resolve_target, write_resolved_toml
 from edgemix.data import load_dataset, stratified_indices, to_model_input
@@ -220,16 +220,16 @@ def _accuracy_fallback(backend, job, artifact, model, eval_inputs, ref_logits, l
     return artifact
 
 
-def _fp32_artifact(backend, model, spec, target, recipe, calib_inputs, fp32_dir: Path, cfg):
+def _fp32_artifact(backend, model, spec, target, recipe, calib_inputs, fp32_dir: Path, cfg, model_key: str | None):
     """The FP32 artifact of the same target that an INT8 build is timed against: from the build cache
     when this model, target, backend options, example input and library versions were built before
-    (it is a pure function of them), else built into ``fp32_dir`` and stored. Returns (artifact, cached)."""
-    from edgemix import cache
+    (it is a pure function of them), else built into ``fp32_dir`` and stored. ``model_key`` is the
+    model's cache digest, None when the cache is off. Returns (artifact, cached)."""
     from edgemix.backends.base import BuiltArtifact
 
     key = None
-    if cfg.cache and cache.root() is not None:
-        key = cache.digest("fp32-artifact-v1", cache.model_digest(model), backend.name,
+    if model_key is not None:
+        key = cache.digest("fp32-artifact-v1", model_key, backend.name,
                            target.model_dump(mode="json"), cfg.backend_options, rep.library_versions(), calib_inputs)
         entry = cache.load_folder("fp32-artifact", key, required=("entry.json",))
         if entry is not None:
@@ -265,7 +265,10 @@ def _build_in(stage_dir, cfg, target, backend, recipe, model, spec, weights, cal
     # ---------------------------------------------------------------- FP32 reference
     t = time.perf_counter()
     ref_device = pick_device(cfg.reference_device)
-    ref_logits, ref_cached = cached_reference_logits(model, eval_set, spec, ref_device, cfg.cache)
+    # hashed once (S/16: 70 MB of parameters) for both cached results
+    model_key = cache.model_digest(model) if cfg.cache and cache.root() is not None else None
+    ref_logits, ref_cached = cached_reference_logits(model, eval_set, spec, ref_device, model_key is not None,
+                                                     model_key)
     labels = eval_set.labels.numpy()
     stages("reference", f"FP32 logits of {len(eval_set)} images on {ref_device}"
                         + (" (from the build cache)" if ref_cached else ""), time.perf_counter() - t)
@@ -312,7 +315,7 @@ def _build_in(stage_dir, cfg, target, backend, recipe, model, spec, weights, cal
     fp32_artifact = fp32_cached = None
     if cfg.compare_fp32 and cfg.precision == "int8":
         fp32_artifact, fp32_cached = _fp32_artifact(backend, model, spec, target, recipe, calib_inputs,
-                                                    stage_dir / "fp32-comparison", cfg)
+                                                    stage_dir / "fp32-comparison", cfg, model_key)
         paths["fp32"] = backend.load_predictor(fp32_artifact, threads)
     samples = measure_interleaved(paths, x, cfg.latency_warmup, cfg.latency_runs, cfg.latency_seconds)
     latency = summarize(samples["deployed"], predictor.batch_size)

@@ -85,7 +85,7 @@ class PatchifyLinear(nn.Module):
                 or conv.dilation != (1, 1) or conv.groups != 1):
             raise UsageError(f"cannot write the stem {conv} as a patch Linear: kernel must equal stride, "
                              "no padding, dilation or groups")
-        self.patch, self.in_chans = p, conv.in_channels
+        self.patch = p
         self.proj = nn.Linear(conv.in_channels * p * p, conv.out_channels, bias=conv.bias is not None)
         with torch.no_grad():
             self.proj.weight.copy_(conv.weight.reshape(conv.out_channels, -1))
@@ -121,12 +121,12 @@ class XnnpackMixer(nn.Module):
                     if isinstance(child, nn.LayerNorm):
                         setattr(parent, name, XnnpackLayerNorm(child))
         self.spec = mixer.spec
-        self.patchify = PatchifyLinear(mixer.stem.proj) if patch_linear else None
-        self.stem, self.blocks, self.norm, self.head = mixer.stem, mixer.blocks, mixer.norm, mixer.head
+        # both stems map (B, C, H, W) -> (B, S, hidden)
+        self.stem = PatchifyLinear(mixer.stem.proj) if patch_linear else mixer.stem
+        self.blocks, self.norm, self.head = mixer.blocks, mixer.norm, mixer.head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.patchify(x) if self.patchify is not None else self.stem(x)
-        y = self.norm(self.blocks(tokens))
+        y = self.norm(self.blocks(self.stem(x)))
         _, s, c = y.shape
         pooled = y.transpose(1, 2).reshape(-1, c, s, 1).mean((2, 3), keepdim=True)
         return self.head(pooled.flatten(1))
@@ -332,8 +332,8 @@ class ExecuTorchBackend(Backend):
                 stage_name = "qat"
             else:
                 # calibrate in the recipe's batches, not the artifact's (a phone's is 1): a graph with
-                # a symbolic batch for calibration, re-exported at the artifact's batch below.
-                # S/16, 128 images: 12.7 s at batch 1, see the suite for the batched figure.
+                # a symbolic batch for calibration, re-exported at the artifact's batch below. (Not
+                # faster for S/16 on 2 cores: eager runs ~60 ms per image at batch 1 and at 32.)
                 calib_batch = max(1, min(job.recipe.batch_size, len(job.calib_inputs)))
                 observed = exported if calib_batch == batch else pt2e.export_model(
                     model, job.calib_inputs[:calib_batch].float(), dynamic_batch=True, max_batch=max(calib_batch, 2))

@@ -40,19 +40,17 @@ def load_model(alias: str, weights: str | Path | None = None, img_size: int | No
             # an edgemix checkpoint knows its own image size and class count
             spec = stored.with_overrides(img_size=img_size, num_classes=num_classes)
     if weights is None:
-        with torch.random.fork_rng():  # seeded: a random-weights build is reproducible (and cacheable)
-            torch.manual_seed(0)
-            model = build_model(spec)
-    else:
-        model = build_model(spec)
-    if weights is None:
         if not allow_random:
             raise CheckpointError(
                 f"model '{alias}' has no shipped weights and no --weights was given",
                 hint="pass --weights FILE (an edgemix .pt, a timm .pth/.safetensors or an official JAX .npz), "
                      "or --random-weights for latency/size work where accuracy does not matter")
+        with torch.random.fork_rng():  # seeded: a random-weights build is reproducible (and cacheable)
+            torch.manual_seed(0)
+            model = build_model(spec)
         prov = {"path": None, "format": "random-init", "sha256": None, "reset": [], "meta": {}}
     else:
+        model = build_model(spec)
         prov = load_weights(model, weights, reset_head=reset_head)
     return model.eval(), prov
 

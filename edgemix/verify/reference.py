@@ -37,15 +37,16 @@ def reference_logits(model: torch.nn.Module, data: ImageSet, spec, batch_size: i
 
 
 def cached_reference_logits(model: torch.nn.Module, data: ImageSet, spec, device: str = "cpu",
-                            use_cache: bool = True) -> tuple[np.ndarray, bool]:
+                            use_cache: bool = True, model_key: str | None = None) -> tuple[np.ndarray, bool]:
     """:func:`reference_logits`, from the build cache when the same parameters, spec, images, device
-    and torch version were evaluated before. Returns (logits, whether they came from the cache)."""
+    and torch version were evaluated before. ``model_key``: the model's :func:`edgemix.cache.model_digest`
+    when the caller already has it. Returns (logits, whether they came from the cache)."""
     from edgemix import cache
 
     key = None
     if use_cache and cache.root() is not None:
-        key = cache.digest("reference-logits-v1", cache.model_digest(model), spec.to_dict(), data.images,
-                           device, torch.__version__)
+        key = cache.digest("reference-logits-v1", model_key or cache.model_digest(model), spec.to_dict(),
+                           data.images, device, torch.__version__)
         hit = cache.load_arrays("reference", key)
         if hit is not None and hit.get("logits") is not None and hit["logits"].shape == (len(data), spec.num_classes):
             return hit["logits"], True
