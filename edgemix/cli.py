@@ -299,6 +299,10 @@ def gate_cmd(
     min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="0..1 (default: the target's)."),
     max_latency_ratio: Optional[float] = typer.Option(None, "--max-latency-ratio",
                                                       help="p50 / baseline p50 (default: the target's)."),
+    latency_basis: str = typer.Option(
+        "auto", "--latency-basis",
+        help="What --baseline latency compares: fp32 = the INT8/FP32 p50 ratio timed in each run (immune to "
+             "a slower machine), ms = absolute p50, auto = fp32 when both have an FP32 comparison."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML, one test case per check."),
     update_baseline: bool = typer.Option(False, "--update-baseline",
                                          help="Rewrite --baseline from this report (atomically) after checking."),
@@ -313,7 +317,11 @@ def gate_cmd(
     base = g.read_baseline(baseline) if baseline is not None and not update_baseline else None
     if base is None and baseline is not None and update_baseline and baseline.is_file():
         base = g.read_baseline(baseline)
-    checks = g.run_checks(report, base, max_top1_drop, min_agreement, max_latency_ratio, min_cosine)
+    if latency_basis not in g.LATENCY_BASES:
+        from edgemix.errors import unknown_choice
+
+        raise unknown_choice("latency basis", latency_basis, g.LATENCY_BASES)
+    checks = g.run_checks(report, base, max_top1_drop, min_agreement, max_latency_ratio, min_cosine, latency_basis)
     if junit is not None:
         g.write_junit(junit, checks, f"edgemix.gate.{report['model']}_{report.get('target_alias', report['target'])}")
     for c in checks:

@@ -177,8 +177,39 @@ def test_baseline_update_and_regression_vs_baseline(phone, tmp_path):
     base.write_text(json.dumps(b))
     p = run_cli("gate", out, "--baseline", base)
     assert p.returncode == 1
-    assert "FAIL  top1_drop_vs_baseline" in p.stdout and "FAIL  latency_p50_vs_baseline" in p.stdout
-    assert "baseline" in p.stdout
+    # by default latency is judged as INT8/FP32 within each run: 10x better in the baseline's run
+    assert "FAIL  top1_drop_vs_baseline" in p.stdout and "FAIL  int8_fp32_ratio_vs_baseline" in p.stdout
+    p = run_cli("gate", out, "--baseline", base, "--latency-basis", "ms")
+    assert p.returncode == 1 and "FAIL  latency_p50_vs_baseline" in p.stdout, p.stdout
+
+
+def test_gate_latency_vs_baseline_survives_a_slower_machine(phone, tmp_path):
+    """A baseline written on a machine twice as fast: absolute milliseconds fail, the INT8/FP32 ratio
+    timed in the same run does not; an INT8 path that lost speed against its own FP32 still fails."""
+    out, _ = phone
+    base = tmp_path / "phone.json"
+    assert run_cli("gate", out, "--baseline", base, "--update-baseline").returncode == 0
+    b = json.loads(base.read_text())
+    b["latency_ms"]["p50"] /= 2
+    b["fp32_comparison"]["fp32_p50_ms"] /= 2
+    for side, key in ((b["latency_ms"], "noise_ms"), (b["fp32_comparison"], "fp32_noise_ms")):
+        side[key] = 0
+    base.write_text(json.dumps(b))
+    p = run_cli("gate", out, "--baseline", base)
+    assert p.returncode == 0 and "PASS  int8_fp32_ratio_vs_baseline" in p.stdout, p.stdout
+    p = run_cli("gate", out, "--baseline", base, "--latency-basis", "ms")
+    assert p.returncode == 1 and "FAIL  latency_p50_vs_baseline" in p.stdout, p.stdout
+    b["fp32_comparison"]["fp32_p50_ms"] *= 4  # the baseline's INT8 was twice as far ahead of its FP32
+    base.write_text(json.dumps(b))
+    p = run_cli("gate", out, "--baseline", base)
+    assert p.returncode == 1 and "FAIL  int8_fp32_ratio_vs_baseline" in p.stdout, p.stdout
+    del b["fp32_comparison"]
+    base.write_text(json.dumps(b))
+    assert_clean_error(run_cli("gate", out, "--baseline", base, "--latency-basis", "fp32"), 2,
+                       "the baseline has none")
+    p = run_cli("gate", out, "--baseline", base)  # auto: falls back to milliseconds
+    assert "latency_p50_vs_baseline" in p.stdout, p.stdout
+    assert_clean_error(run_cli("gate", out, "--latency-basis", "fp23"), 2, "did you mean 'fp32'")
 
 
 def test_gate_usage_errors(tmp_path, phone):

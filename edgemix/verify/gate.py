@@ -2,7 +2,9 @@
 
 Accuracy checks state their sample count and 95% interval; the latency check compares medians of
 repeated runs and only fails beyond the noise measured in the same runs (half the interquartile
-range of each side), so a slow run on a shared machine is not a regression by itself.
+range of each side), so a slow run on a shared machine is not a regression by itself. Against a
+baseline it compares the INT8/FP32 ratio timed within each run, not absolute milliseconds, so a
+machine that is slower than the one that wrote the baseline is not a regression either.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def baseline_of(report: dict) -> dict:
 
 def run_checks(report: dict, baseline: dict | None, max_top1_drop: float | None = None,
                min_agreement: float | None = None, max_latency_ratio: float | None = None,
-               min_cosine: float | None = None) -> list[Check]:
+               min_cosine: float | None = None, latency_basis: str = "auto") -> list[Check]:
     b = report["budget"]
     max_top1_drop = b["max_top1_drop"] if max_top1_drop is None else max_top1_drop
     min_agreement = b["min_agreement"] if min_agreement is None else min_agreement
@@ -119,14 +121,56 @@ def run_checks(report: dict, baseline: dict | None, max_top1_drop: float | None 
             "top1_drop_vs_baseline", drop_b <= max_top1_drop, round(drop_b, 3), f"<= {max_top1_drop} pts",
             round(100 * base_top1, 3), f"deployed top-1 {100 * report['deployed']['top1']:.2f}% vs baseline "
                                        f"{100 * base_top1:.2f}% ({n} vs {baseline['drift']['samples']} images)"))
-        blat = baseline["latency_ms"]
-        noise = lat.get("noise_ms", 0.0) + blat.get("noise_ms", 0.0)
-        limit = blat["p50"] * max_latency_ratio + noise
-        checks.append(Check(
-            "latency_p50_vs_baseline", lat["p50"] <= limit, round(lat["p50"] / blat["p50"], 3),
-            f"<= {max_latency_ratio}x baseline + noise {noise:.2f} ms", round(blat["p50"], 3),
-            f"p50 {lat['p50']:.2f} ms vs baseline {blat['p50']:.2f} ms over {lat['runs']} / {blat['runs']} runs"))
+        checks.append(_latency_vs_baseline(report, baseline, max_latency_ratio, latency_basis))
     return checks
+
+
+LATENCY_BASES = ("auto", "fp32", "ms")
+
+
+def _relative_noise(p50: float, noise: float | None) -> float:
+    return (noise or 0.0) / p50 if p50 > 0 else 0.0
+
+
+def _latency_vs_baseline(report: dict, baseline: dict, max_ratio: float, basis: str) -> Check:
+    """INT8 latency against the baseline's.
+
+    basis "fp32" compares the INT8/FP32 p50 ratio, both timed interleaved in the same run, with the
+    baseline's: a machine that is busier or slower than the one that wrote the baseline slows both
+    artifacts alike and cancels out, while an INT8 path that lost speed (an op fell out of the
+    delegate, a GEMM back to float) still shows. basis "ms" compares absolute p50 milliseconds, which
+    only means something on the machine that wrote the baseline. "auto" is "fp32" when both sides
+    have an FP32 comparison, else "ms".
+    """
+    lat, blat = report["latency_ms"], baseline["latency_ms"]
+    cmp_, bcmp = report.get("fp32_comparison"), baseline.get("fp32_comparison")
+    have_ratio = all(c and c.get("fp32_p50_ms") for c in (cmp_, bcmp))
+    if basis not in LATENCY_BASES:
+        from edgemix.errors import unknown_choice
+
+        raise unknown_choice("latency basis", basis, LATENCY_BASES)
+    if basis == "fp32" and not have_ratio:
+        side = "this report" if not (cmp_ and cmp_.get("fp32_p50_ms")) else "the baseline"
+        raise UsageError(f"--latency-basis fp32 needs an FP32 comparison in both the report and the baseline; "
+                         f"{side} has none", hint="rebuild with the FP32 comparison on, or use --latency-basis ms")
+    absolute = f"p50 {lat['p50']:.2f} ms vs baseline {blat['p50']:.2f} ms over {lat['runs']} / {blat['runs']} runs"
+    if basis == "ms" or (basis == "auto" and not have_ratio):
+        noise = lat.get("noise_ms", 0.0) + blat.get("noise_ms", 0.0)
+        limit = blat["p50"] * max_ratio + noise
+        return Check("latency_p50_vs_baseline", lat["p50"] <= limit, round(lat["p50"] / blat["p50"], 3),
+                     f"<= {max_ratio}x baseline + noise {noise:.2f} ms", round(blat["p50"], 3), absolute)
+    r = lat["p50"] / cmp_["fp32_p50_ms"]
+    rb = blat["p50"] / bcmp["fp32_p50_ms"]
+    # the noise of a ratio of medians: the relative noises of its two medians add, on both sides
+    noise = (r * (_relative_noise(lat["p50"], lat.get("noise_ms"))
+                  + _relative_noise(cmp_["fp32_p50_ms"], cmp_.get("fp32_noise_ms")))
+             + rb * (_relative_noise(blat["p50"], blat.get("noise_ms"))
+                     + _relative_noise(bcmp["fp32_p50_ms"], bcmp.get("fp32_noise_ms"))))
+    limit = rb * max_ratio + noise
+    return Check("int8_fp32_ratio_vs_baseline", r <= limit, round(r / rb, 3),
+                 f"<= {max_ratio}x baseline + noise {noise:.3f}", round(rb, 3),
+                 f"INT8/FP32 p50 {r:.3f} in this run vs {rb:.3f} in the baseline's ({absolute}; the ratio "
+                 f"is timed in one run, so a slower machine cancels out)")
 
 
 def write_junit(path: Path, checks: list[Check], suite: str) -> None:
