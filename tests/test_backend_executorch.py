@@ -106,6 +106,27 @@ def test_export_view_computes_the_same_function(fmnist):
     assert isinstance(model.stem.proj, torch.nn.Conv2d)
 
 
+def test_lowering_input_loses_provenance_chains_only(fmnist):
+    """The provenance chains torch.fx deep-copies on every pass are dropped before lowering; the
+    stack traces and module paths a user debugs with stay, and the program computes the same."""
+    model, x, _ = fmnist
+    view, _ = et.export_view(model)
+    converted = pt2e.ptq(pt2e.export_model(view, x[:1]), x[:4], 1, float_modules=(et.XnnpackLayerNorm,))
+    with torch.no_grad():  # as the build does: the Q/DQ graph re-exported, chains from every pass so far
+        exported = torch.export.export(converted, (x[:1],))
+        ref = converted(x[:1])
+    graph = exported.graph_module.graph
+    before = {n.name: dict(n.meta) for n in graph.nodes}
+    assert any("from_node" in m for m in before.values())
+    assert et.drop_provenance(exported) == sum("from_node" in m for m in before.values())
+    for n in graph.nodes:
+        assert "from_node" not in n.meta
+        assert n.meta.get("stack_trace") == before[n.name].get("stack_trace")
+        assert n.meta.get("nn_module_stack") == before[n.name].get("nn_module_stack")
+    with torch.no_grad():
+        assert torch.equal(exported.module()(x[:1]), ref)
+
+
 def test_requests_it_cannot_honour_fail_before_work(tmp_path):
     phone = resolve_target("phone")
     with pytest.raises(UsageError, match="fp16"):

@@ -148,6 +148,20 @@ def export_view(model: nn.Module, decompose_layernorm: bool = True,
 
 # ---------------------------------------------------------------------------- delegation report
 
+def drop_provenance(exported: torch.export.ExportedProgram) -> int:
+    """Drop each node's ``from_node`` provenance chain; returns how many nodes had one.
+
+    torch.fx deep-copies a node's whole chain every time a pass re-creates the node, and the chain
+    grows with every pass (export, prepare, convert, re-export, then the ~40 passes of edge
+    conversion and XNNPACK preprocessing): measured on S/16 INT8, 4 s of the 24 s lowering went to
+    those copies. Nothing in the .pte reads it; stack traces and module paths stay.
+    """
+    dropped = 0
+    for node in exported.graph_module.graph.nodes:
+        dropped += node.meta.pop("from_node", None) is not None
+    return dropped
+
+
 def _op_name(target) -> str:
     return getattr(target, "__name__", None) or str(target)
 
@@ -351,6 +365,7 @@ class ExecuTorchBackend(Backend):
             job.stage(stage_name, produced, time.perf_counter() - t0, None)
 
         t0 = time.perf_counter()
+        drop_provenance(exported)
         with _partitioner_reasons() as reasons:
             edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
         report = delegation_report(edge.exported_program().graph_module, reasons)
