@@ -231,7 +231,7 @@ def _fp32_artifact(backend, model, spec, target, recipe, calib_inputs, fp32_dir:
     if model_key is not None:
         key = cache.digest("fp32-artifact-v1", model_key, backend.name,
                            target.model_dump(mode="json"), cfg.backend_options, rep.library_versions(), calib_inputs)
-        entry = cache.load_folder("fp32-artifact", key, required=("entry.json",))
+        entry = cache.load_folder("fp32-artifact", key)
         if entry is not None:
             try:
                 meta = json.loads((entry / "entry.json").read_text())

@@ -212,7 +212,6 @@ def test_static_batch_qdq_runs_integer_gemms_on_the_host(fmnist, data, tmp_path)
     optimized = tmp_path / "optimized.onnx"
     ort_session(art.files["model"], 1, optimized)
     ops = onnx.load(str(optimized)).graph.node
-    producers = {o: n for n in ops for o in n.output}
     integer = sum(n.op_type in ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger") for n in ops)
     assert integer == exported["MatMul"], op_counts(onnx.load(str(optimized)))
 

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-from edgemix.errors import UsageError
+from edgemix.errors import UsageError, unknown_choice
 from edgemix.fileutil import write_text_atomic
 
 
@@ -75,9 +75,14 @@ def baseline_of(report: dict) -> dict:
     return base
 
 
+LATENCY_BASES = ("auto", "fp32", "ms")  # what --baseline latency compares (see _latency_vs_baseline)
+
+
 def run_checks(report: dict, baseline: dict | None, max_top1_drop: float | None = None,
                min_agreement: float | None = None, max_latency_ratio: float | None = None,
                min_cosine: float | None = None, latency_basis: str = "auto") -> list[Check]:
+    if latency_basis not in LATENCY_BASES:
+        raise unknown_choice("latency basis", latency_basis, LATENCY_BASES)
     b = report["budget"]
     max_top1_drop = b["max_top1_drop"] if max_top1_drop is None else max_top1_drop
     min_agreement = b["min_agreement"] if min_agreement is None else min_agreement
@@ -125,11 +130,18 @@ def run_checks(report: dict, baseline: dict | None, max_top1_drop: float | None 
     return checks
 
 
-LATENCY_BASES = ("auto", "fp32", "ms")
+def _has_fp32(comparison: dict | None) -> bool:
+    return bool(comparison and comparison.get("fp32_p50_ms"))
 
 
-def _relative_noise(p50: float, noise: float | None) -> float:
-    return (noise or 0.0) / p50 if p50 > 0 else 0.0
+def _ratio_and_noise(lat: dict, comparison: dict) -> tuple[float, float]:
+    """INT8 p50 / FP32 p50 of one run, and its noise: the relative noises of the two medians add."""
+    def relative(p50: float, noise: float | None) -> float:
+        return (noise or 0.0) / p50 if p50 > 0 else 0.0
+
+    r = lat["p50"] / comparison["fp32_p50_ms"]
+    return r, r * (relative(lat["p50"], lat.get("noise_ms"))
+                   + relative(comparison["fp32_p50_ms"], comparison.get("fp32_noise_ms")))
 
 
 def _latency_vs_baseline(report: dict, baseline: dict, max_ratio: float, basis: str) -> Check:
@@ -144,13 +156,9 @@ def _latency_vs_baseline(report: dict, baseline: dict, max_ratio: float, basis: 
     """
     lat, blat = report["latency_ms"], baseline["latency_ms"]
     cmp_, bcmp = report.get("fp32_comparison"), baseline.get("fp32_comparison")
-    have_ratio = all(c and c.get("fp32_p50_ms") for c in (cmp_, bcmp))
-    if basis not in LATENCY_BASES:
-        from edgemix.errors import unknown_choice
-
-        raise unknown_choice("latency basis", basis, LATENCY_BASES)
+    have_ratio = _has_fp32(cmp_) and _has_fp32(bcmp)
     if basis == "fp32" and not have_ratio:
-        side = "this report" if not (cmp_ and cmp_.get("fp32_p50_ms")) else "the baseline"
+        side = "this report" if not _has_fp32(cmp_) else "the baseline"
         raise UsageError(f"--latency-basis fp32 needs an FP32 comparison in both the report and the baseline; "
                          f"{side} has none", hint="rebuild with the FP32 comparison on, or use --latency-basis ms")
     absolute = f"p50 {lat['p50']:.2f} ms vs baseline {blat['p50']:.2f} ms over {lat['runs']} / {blat['runs']} runs"
@@ -159,13 +167,9 @@ def _latency_vs_baseline(report: dict, baseline: dict, max_ratio: float, basis: 
         limit = blat["p50"] * max_ratio + noise
         return Check("latency_p50_vs_baseline", lat["p50"] <= limit, round(lat["p50"] / blat["p50"], 3),
                      f"<= {max_ratio}x baseline + noise {noise:.2f} ms", round(blat["p50"], 3), absolute)
-    r = lat["p50"] / cmp_["fp32_p50_ms"]
-    rb = blat["p50"] / bcmp["fp32_p50_ms"]
-    # the noise of a ratio of medians: the relative noises of its two medians add, on both sides
-    noise = (r * (_relative_noise(lat["p50"], lat.get("noise_ms"))
-                  + _relative_noise(cmp_["fp32_p50_ms"], cmp_.get("fp32_noise_ms")))
-             + rb * (_relative_noise(blat["p50"], blat.get("noise_ms"))
-                     + _relative_noise(bcmp["fp32_p50_ms"], bcmp.get("fp32_noise_ms"))))
+    r, noise = _ratio_and_noise(lat, cmp_)
+    rb, base_noise = _ratio_and_noise(blat, bcmp)
+    noise += base_noise
     limit = rb * max_ratio + noise
     return Check("int8_fp32_ratio_vs_baseline", r <= limit, round(r / rb, 3),
                  f"<= {max_ratio}x baseline + noise {noise:.3f}", round(rb, 3),
