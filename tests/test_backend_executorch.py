@@ -193,6 +193,19 @@ def test_without_rewrites_layernorm_falls_back_to_cpu_kernels_and_the_report_say
     assert "no partitioner config" in d["not_delegated"][0]["reasons"][0] and d["partitions"] == 4
 
 
+def test_op_profile_accounts_for_the_program_by_operator_kind(builds, fmnist):
+    _, x, _ = fmnist
+    art = builds[0]["int8"]
+    prof = et.profile_ops(art.files["model"], x[:art.batch_size].numpy(), threads=1, runs=5)
+    ops = prof["ops"]
+    # every Linear and the patch Linear as INT8 GEMMs; the LayerNorm means as float ones (2 per norm)
+    assert ops["Fully Connected (NC, QS8, QC8W) GEMM"]["count"] == 18
+    assert ops["Fully Connected (NC, F32) GEMM"]["count"] == 2 * 9
+    assert list(ops.values()) == sorted(ops.values(), key=lambda v: -v["ms"])  # biggest first
+    # the operators are what the program spends its time on: their medians add up to most of it
+    assert 0 < prof["total_ms"] and 0.5 * prof["total_ms"] < sum(v["ms"] for v in ops.values()) <= 1.5 * prof["total_ms"]
+
+
 def test_bundled_program_holds_one_case_per_batch(builds):
     from executorch.devtools.bundled_program.serialize import deserialize_from_flatbuffer_to_bundled_program
     from executorch.extension.pybindings import portable_lib

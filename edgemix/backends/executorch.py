@@ -398,6 +398,43 @@ class ExecuTorchBackend(Backend):
         return ExecuTorchPredictor(Path(path), artifact.batch_size, artifact.dynamic_batch, threads)
 
 
+def profile_ops(pte: str | Path, x: np.ndarray, threads: int, runs: int = 30, warmup: int = 3) -> dict:
+    """Where a .pte's time goes: ExecuTorch's ETDump of ``runs`` executions on ``x``, the median of
+    each XNNPACK operator summed by kind ("Fully Connected (NC, QS8, QC8W) GEMM", "Convert (NC)", ...).
+
+    Returns {"total_ms": median delegate + portable-kernel time of one execution, "ops": {kind:
+    {"ms": summed medians, "count": operators of that kind}}}, kinds by descending time.
+    """
+    import re
+    import statistics
+    import tempfile
+
+    from executorch.devtools import Inspector
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch
+
+    _use_threads(threads)
+    module = _load_for_executorch(str(pte), enable_etdump=True)
+    inputs = [torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))]
+    with tempfile.TemporaryDirectory(prefix="edgemix-etdump-") as tmp:
+        for _ in range(warmup + runs):
+            module.forward(inputs)
+        dump = Path(tmp) / "run.etdp"
+        module.write_etdump_result_to_file(str(dump))
+        events = [ev for block in Inspector(etdump_path=str(dump)).event_blocks for ev in block.events
+                  if ev.perf_data is not None]
+    total, ops = 0.0, {}
+    for ev in events:
+        timed = ev.perf_data.raw[-runs:]  # one sample per execution; the warm-up ones dropped
+        if ev.name == "Method::execute":
+            total = statistics.median(timed)
+        elif ev.name not in ("Program::load_method", "Method::init", "DELEGATE_CALL"):
+            kind = re.sub(r" #\d+$", "", ev.name)
+            row = ops.setdefault(kind, {"ms": 0.0, "count": 0})
+            row["ms"] += statistics.median(timed)
+            row["count"] += 1
+    return {"total_ms": total, "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]["ms"]))}
+
+
 def _flag(value, name: str) -> bool:
     if isinstance(value, bool):
         return value
