@@ -69,6 +69,22 @@ def model_digest(model: torch.nn.Module) -> str:
                   *[x for name in sorted(state) for x in (name, state[name])])
 
 
+_warned_unwritable = False
+
+
+def _not_cached(err: OSError) -> None:
+    """Say once per process that the cache cannot be written: the build goes on without it, but a
+    user who expects the next build to be fast should know why it will not be."""
+    global _warned_unwritable
+    if _warned_unwritable:
+        return
+    _warned_unwritable = True
+    import sys
+
+    print(f"warning: the build cache {root()} is not writable ({err.strerror or err}); results are not "
+          f"cached. Set {ENV} to a writable folder, or to 'off'.", file=sys.stderr, flush=True)
+
+
 def _entry(kind: str, key: str) -> Path | None:
     base = root()
     return None if base is None else base / kind / key
@@ -103,7 +119,8 @@ def save_arrays(kind: str, key: str, **arrays: np.ndarray) -> Path | None:
         np.savez(tmp, **arrays)
         tmp.replace(path)
         return path
-    except OSError:
+    except OSError as e:
+        _not_cached(e)
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         return None
@@ -136,6 +153,7 @@ def save_folder(kind: str, key: str, files: dict[str, Path], meta: dict) -> Path
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
         return path
-    except OSError:
+    except OSError as e:
+        _not_cached(e)
         shutil.rmtree(tmp, ignore_errors=True)
         return None

@@ -33,6 +33,12 @@ def handles_errors(fn):
             return fn(*args, **kwargs)
         except EdgemixError as e:
             _fail(e)
+        except OSError as e:
+            if e.filename is None:  # not about a path: a bug or the system, reported as internal
+                raise
+            from edgemix.fileutil import path_error
+
+            _fail(path_error(e.filename, "use", e))  # a user's path that cannot be read or written
         except KeyboardInterrupt:
             typer.echo("interrupted; nothing was written past the last completed stage", err=True)
             raise typer.Exit(130)
@@ -135,14 +141,18 @@ def train_cmd(
     """Train a Mixer in FP32 (single process, or under torchrun with DDP)."""
     _set_quiet(quiet)
     from edgemix import console
-    from edgemix.data import load_dataset, stratified_indices
+    from edgemix.data import check_labels, load_dataset, stratified_indices
+    from edgemix.errors import UsageError
     from edgemix.models import build_model, resolve_spec
     from edgemix.models.checkpoints import load_weights
-    from edgemix.train import TrainConfig, train
+    from edgemix.train import TrainConfig, check_run_folder, train
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, threads=threads, augment=augment,
                       label_smoothing=label_smoothing, weight_decay=weight_decay, warmup_epochs=warmup_epochs)
     cfg.validate()
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {limit}", hint="leave --limit out to train on every image")
+    check_run_folder(out)
     spec = resolve_spec(model, image_size, num_classes)
     train_set = load_dataset(data, "train")
     if limit:
@@ -151,6 +161,8 @@ def train_cmd(
     classes = len(train_set.classes)
     if classes != spec.num_classes and num_classes is None:
         spec = spec.with_overrides(num_classes=classes)
+    check_labels(train_set, spec.num_classes, data)
+    check_labels(eval_set, spec.num_classes, eval_data or data)
     net = build_model(spec)
     if weights is not None and resume is None:
         load_weights(net, weights, reset_head=reset_head)
@@ -182,12 +194,14 @@ def eval_cmd(
 ):
     """Evaluate the FP32 reference: top-1, per-class accuracy, reference logits."""
     _set_quiet(quiet or as_json)
-    from edgemix.verify.reference import evaluate, save_reference
+    from edgemix.verify.reference import check_reference_path, evaluate, save_reference
 
     if split not in ("train", "test"):
         from edgemix.errors import unknown_choice
 
         raise unknown_choice("split", split, ["train", "test"])
+    if save_logits is not None:
+        check_reference_path(save_logits)  # refuse someone else's file before the model runs
     result, logits = evaluate(model, weights, data, split=split, limit=limit, batch_size=batch_size,
                               image_size=image_size, num_classes=num_classes, device=device)
     if save_logits is not None:
@@ -314,12 +328,14 @@ def gate_cmd(
     report, file = g.read_report(artifact)
     if update_baseline and baseline is None:
         raise UsageError("--update-baseline needs --baseline FILE (where to write it)")
+    g.check_output_paths(junit, baseline, update_baseline)
     base = g.read_baseline(baseline) if baseline is not None and not update_baseline else None
     if base is None and baseline is not None and update_baseline and baseline.is_file():
         base = g.read_baseline(baseline)
     checks = g.run_checks(report, base, max_top1_drop, min_agreement, max_latency_ratio, min_cosine, latency_basis)
     if junit is not None:
-        g.write_junit(junit, checks, f"edgemix.gate.{report['model']}_{report.get('target_alias', report['target'])}")
+        g.write_junit(junit, checks,
+                      f"{g.JUNIT_SUITE_PREFIX}{report['model']}_{report.get('target_alias', report['target'])}")
     for c in checks:
         status = "PASS" if c.passed else "FAIL"
         base_txt = f", baseline {c.baseline}" if c.baseline is not None else ""

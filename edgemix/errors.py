@@ -65,9 +65,11 @@ def closest(value: str, choices: Iterable[str]) -> str | None:
     return by_lower[matches[0]]
 
 
-def unknown_choice(kind: str, value: str, choices: Iterable[str]) -> UsageError:
-    """The standard 'unknown X' error: names the value, the valid choices and the closest one."""
+def unknown_choice(kind: str, value: str, choices: Iterable[str], plural: str | None = None) -> UsageError:
+    """The standard 'unknown X' error: names the value, the valid choices and the closest one.
+    ``plural`` is the plural of ``kind`` where adding an "s" is wrong ("latency bases",
+    "precisions for backend executorch")."""
     choices = sorted(choices)
     near = closest(value, choices)
     hint = f"did you mean '{near}'?" if near else None
-    return UsageError(f"unknown {kind} '{value}'; valid {kind}s: {', '.join(choices)}", hint=hint)
+    return UsageError(f"unknown {kind} '{value}'; valid {plural or kind + 's'}: {', '.join(choices)}", hint=hint)

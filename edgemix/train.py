@@ -40,6 +40,42 @@ class TrainConfig:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
         if not self.lr > 0:
             raise UsageError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.label_smoothing < 1:
+            raise UsageError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}",
+                             hint="0 trains on the labels as they are; 0.1 is the usual smoothing")
+        if not self.weight_decay >= 0:
+            raise UsageError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not self.warmup_epochs >= 0:
+            raise UsageError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+
+
+RUN_FILES = ("last.pt", "model.pt")  # what a training run writes into its --out folder
+
+
+def check_run_folder(out: Path) -> None:
+    """Before training starts: --out may be a new folder or one whose last.pt/model.pt edgemix wrote;
+    other files in it are left alone, and a file edgemix did not write is never replaced."""
+    from edgemix.fileutil import refuse_foreign_file, user_path
+    from edgemix.models.checkpoints import FORMAT
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder", hint="choose another --out (a folder)")
+
+    def is_ours(path: Path) -> bool:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # torch raises many types for files that are not its own
+            return False
+        return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+    for name in RUN_FILES:
+        refuse_foreign_file(out / name, is_ours, "a checkpoint", "--out")
+    with user_path(out, "create the training folder", "--out"):
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".edgemix-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
 
 
 def seed_everything(seed: int) -> None:

@@ -47,3 +47,26 @@ def assert_clean_error(proc, code, *needles):
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
     for n in needles:
         assert n in proc.stderr, (n, proc.stderr)
+
+
+@pytest.fixture
+def read_only():
+    """make(folder): bind-mounts ``folder`` read-only onto itself, a real read-only file system
+    (EROFS) that root cannot write through either, unlike chmod; unmounted after the test."""
+    mounted = []
+
+    def make(folder):
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for cmd in (["mount", "--bind", folder, folder], ["mount", "-o", "remount,ro,bind", folder]):
+            p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+            if p.returncode != 0:
+                if mounted or cmd[1] == "-o":
+                    subprocess.run(["umount", str(folder)], capture_output=True)
+                pytest.skip(f"needs root and mount(8) to make a read-only file system: {p.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield make
+    for folder in reversed(mounted):
+        subprocess.run(["umount", str(folder)], capture_output=True)

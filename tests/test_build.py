@@ -45,6 +45,20 @@ def _report(out):
     return r
 
 
+def _fixed_latency(out, dst, p50=1.0, fp32_p50=2.0, noise=0.02):
+    """A copy of a real build whose latency figures are fixed numbers: the gate's latency logic is
+    judged on these, never on a live measurement whose noise depends on the machine's load."""
+    shutil.copytree(out, dst)
+    r = json.loads((dst / "report.json").read_text())
+    r["latency_ms"].update(p50=p50, p90=p50 * 1.1, p99=p50 * 1.2, mean=p50, noise_ms=noise)
+    rounds = r["fp32_comparison"]["paired_rounds"]
+    r["fp32_comparison"].update(fp32_p50_ms=fp32_p50, fp32_p90_ms=fp32_p50 * 1.1, fp32_noise_ms=2 * noise,
+                                latency_ratio=p50 / fp32_p50, int8_faster=p50 < fp32_p50,
+                                int8_wins=rounds if p50 < fp32_p50 else 0, sign_test_p=0.5**rounds)
+    (dst / "report.json").write_text(json.dumps(r))
+    return dst
+
+
 def test_phone_build_artifacts_and_report(phone):
     out, proc = phone
     for stage in ("reference", "export", "calibrate", "lower", "write", "verify", "latency", "isa", "report"):
@@ -112,7 +126,8 @@ def test_jetson_build_qdq_onnx_and_engine_script(jetson):
 
 
 def test_gate_passes_good_builds_with_junit(phone, jetson, tmp_path):
-    for out, _ in (phone, jetson):
+    for built, _ in (phone, jetson):
+        out = _fixed_latency(built, tmp_path / built.name)  # accuracy as built, latency fixed: no load dependence
         junit = tmp_path / f"{out.name}.xml"
         p = run_cli("gate", out, "--junit", junit, "--max-latency-ratio", "1.5")
         assert p.returncode == 0, p.stdout + p.stderr
@@ -163,7 +178,7 @@ def test_gate_catches_corrupted_activation_scale(jetson, tmp_path):
 
 
 def test_baseline_update_and_regression_vs_baseline(phone, tmp_path):
-    out, _ = phone
+    out = _fixed_latency(phone[0], tmp_path / "build")
     base = tmp_path / "baselines" / "phone.json"
     p = run_cli("gate", out, "--baseline", base, "--update-baseline")
     assert p.returncode == 0 and base.is_file(), p.stdout + p.stderr
@@ -186,7 +201,7 @@ def test_baseline_update_and_regression_vs_baseline(phone, tmp_path):
 def test_gate_latency_vs_baseline_survives_a_slower_machine(phone, tmp_path):
     """A baseline written on a machine twice as fast: absolute milliseconds fail, the INT8/FP32 ratio
     timed in the same run does not; an INT8 path that lost speed against its own FP32 still fails."""
-    out, _ = phone
+    out = _fixed_latency(phone[0], tmp_path / "build")
     base = tmp_path / "phone.json"
     assert run_cli("gate", out, "--baseline", base, "--update-baseline").returncode == 0
     b = json.loads(base.read_text())
@@ -220,6 +235,51 @@ def test_gate_usage_errors(tmp_path, phone):
     del r["drift"]["agreement"]
     (bad / "report.json").write_text(json.dumps(r))
     assert_clean_error(run_cli("gate", bad), 2, "does not match the edgemix report schema")
+
+
+@pytest.mark.parametrize("option,value,needle", [
+    ("--min-agreement", "2", "--min-agreement 2.0 is out of range; it takes a fraction in [0, 1]"),
+    ("--max-top1-drop", "-1", "--max-top1-drop -1.0 is out of range; it takes points >= 0"),
+    ("--min-cosine", "1.5", "--min-cosine 1.5 is out of range"),
+    ("--max-latency-ratio", "0", "--max-latency-ratio 0.0 is out of range"),
+])
+def test_gate_budget_out_of_range_is_a_usage_error(phone, option, value, needle):
+    assert_clean_error(run_cli("gate", phone[0], option, value), 2, needle)
+
+
+def test_gate_refuses_a_baseline_of_another_build(phone, jetson, tmp_path):
+    base = tmp_path / "jetson.json"
+    assert run_cli("gate", jetson[0], "--baseline", base, "--update-baseline").returncode == 0
+    before = base.read_bytes()
+    assert_clean_error(run_cli("gate", phone[0], "--baseline", base), 2, "the baseline is for another build",
+                       "target 'android-arm64' vs 'jetson-orin-nano'")
+    # --update-baseline over another build's baseline would silently replace it: refused too
+    assert_clean_error(run_cli("gate", phone[0], "--baseline", base, "--update-baseline"), 2,
+                       "the baseline is for another build")
+    assert base.read_bytes() == before
+
+
+def test_gate_output_paths_never_replace_foreign_files(phone, tmp_path, read_only):
+    out = phone[0]
+    notes = tmp_path / "notes.xml"
+    notes.write_text("<notes>mine</notes>\n")
+    assert_clean_error(run_cli("gate", out, "--junit", notes), 2,
+                       f"--junit {notes} already exists and is not a JUnit report written by edgemix")
+    assert notes.read_text() == "<notes>mine</notes>\n"
+    mine = tmp_path / "budget.json"
+    mine.write_text('{"my": "data"}')
+    assert_clean_error(run_cli("gate", out, "--baseline", mine, "--update-baseline"), 2,
+                       f"--baseline {mine} already exists and is not a baseline written by edgemix")
+    assert mine.read_text() == '{"my": "data"}'
+    for option in ("--junit", "--baseline"):
+        extra = ["--update-baseline"] if option == "--baseline" else []
+        assert_clean_error(run_cli("gate", out, option, notes / "x", *extra), 2,
+                           f"{notes / 'x'}: {notes} is a file, not a folder")
+        ro = read_only(tmp_path / f"ro{option}")
+        assert_clean_error(run_cli("gate", out, option, ro / "x", *extra), 2, f"{ro / 'x'}", "Read-only file system")
+    junit = tmp_path / "gate.xml"  # edgemix's own JUnit file is replaced on the next run
+    for _ in range(2):
+        assert run_cli("gate", _fixed_latency(out, tmp_path / f"b{_}"), "--junit", junit).returncode == 0
 
 
 def test_report_side_by_side(phone, jetson):

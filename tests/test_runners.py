@@ -274,7 +274,8 @@ def test_ssh_error_classification_and_command():
     cmd = SshRunner("me@orin", port=2222, identity=Path("/k"), known_hosts=Path("/kh")).base_command()
     for opt in ("BatchMode=yes", "StrictHostKeyChecking=accept-new", "UserKnownHostsFile=/kh", "ConnectTimeout=10"):
         assert opt in cmd
-    assert cmd[:4] == ["ssh", "-T", "-p", "2222"] and cmd[-1] == "me@orin" and cmd[cmd.index("-i") + 1] == "/k"
+    assert cmd[:4] == ["ssh", "-T", "-p", "2222"] and cmd[cmd.index("-i") + 1] == "/k"
+    assert cmd[-2:] == ["--", "me@orin"]  # a --host starting with "-" can never be read as an ssh option
 
 
 # ---------------------------------------------------------------- the host runner
@@ -495,3 +496,40 @@ def test_tensorrt_on_this_machine(artifacts, tmp_path):
         pytest.skip("TensorRT not installed (no tensorrt / trtexec)")
     r = bench("host", fresh(artifacts, "onnx", tmp_path), **FAST)
     assert r.runtime["name"] == "tensorrt" and r.prepare["engine"] and r.drift["agreement"] >= 0.97
+
+
+# ---------------------------------------------------------------- bad input never reaches a device, results never lost
+
+@pytest.mark.parametrize("host,port,needle", [
+    ("me@orin -oProxyCommand=x", 22, "is not [USER@]HOST"),
+    ("-oProxyCommand=touch /tmp/pwned", 22, "is not [USER@]HOST"),
+    ("me@orin", 70000, "--port 70000 is not a TCP port"),
+    ("me@orin", 0, "--port 0 is not a TCP port"),
+])
+def test_bench_rejects_bad_destination_before_connecting(artifacts, tmp_path, host, port, needle):
+    from conftest import assert_clean_error, run_cli
+
+    art = fresh(artifacts, "onnx", tmp_path)
+    before = (art / "report.json").read_bytes()
+    p = run_cli("bench", art, "--target", "jetson", "--host", host, "--port", port)
+    assert_clean_error(p, 2, needle)
+    assert (art / "report.json").read_bytes() == before
+
+
+def test_bench_results_survive_a_read_only_artifact(artifacts, tmp_path, read_only, monkeypatch):
+    """report.json on a read-only file system: the bench is not lost, it is saved elsewhere and the
+    exit-2 error says where."""
+    art = read_only(fresh(artifacts, "onnx", tmp_path))
+    before = (art / "report.json").read_bytes()
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with pytest.raises(UsageError) as e:
+        bench("host", art, **FAST)
+    msg = str(e.value)
+    assert f"cannot merge the bench results into {art / 'report.json'}" in msg and "Read-only file system" in msg
+    saved = list(work.glob("edgemix-bench-*.json"))
+    assert len(saved) == 1 and str(saved[0]) in msg
+    result = json.loads(saved[0].read_text())
+    assert result["runner"] == "local" and result["latency_ms"]["runs"] == FAST["iterations"]
+    assert (art / "report.json").read_bytes() == before

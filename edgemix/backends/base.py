@@ -66,7 +66,8 @@ class Backend:
     def check_request(self, target, precision: str, qat_epochs: float) -> None:
         """Reject what this backend cannot do, before any work starts."""
         if precision not in self.precisions:
-            raise unknown_choice(f"precision for backend {self.name}", precision, self.precisions)
+            raise unknown_choice(f"precision for backend {self.name}", precision, self.precisions,
+                                 plural=f"precisions for backend {self.name}")
         if precision not in target.precisions:
             raise UsageError(f"target {target.name} does not support precision '{precision}'; "
                              f"it supports: {', '.join(target.precisions)}")

@@ -99,6 +99,19 @@ def _load_image_folder(folder: Path, entries: list[Path], source: str) -> ImageS
     return ImageSet(images.contiguous(), labels, [d.name for d in class_dirs], source)
 
 
+def check_labels(data: ImageSet, num_classes: int, source: str) -> None:
+    """Every label must name one of the model's classes: a label outside them would be counted as
+    an error by every metric (and crash a loss), so it is a data error, not a low score."""
+    if len(data) == 0:
+        raise DataError(f"data source '{source}' holds no images")
+    lo, hi = int(data.labels.min()), int(data.labels.max())
+    if lo < 0 or hi >= num_classes:
+        raise DataError(f"data source '{source}' has labels {lo}..{hi}, but the model has {num_classes} classes "
+                        f"(labels 0..{num_classes - 1})",
+                        hint="use data labelled for this model, or a model with --num-classes to match "
+                             "(with --reset-head for a checkpoint)")
+
+
 def stratified_indices(labels: torch.Tensor, n: int | None, seed: int) -> torch.Tensor:
     """n indices, as close to equal per class as possible, deterministic for a seed.
 

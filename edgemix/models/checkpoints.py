@@ -53,14 +53,28 @@ def _torch_load(path: Path) -> object:
         ) from None
 
 
-def read_edgemix_checkpoint(path: Path) -> dict:
-    obj = _torch_load(path)
+def read_edgemix_checkpoint(path: Path, obj: object = None) -> dict:
+    """An edgemix checkpoint, checked whole (state dict of tensors, a complete spec); ``obj`` is the
+    file's content when the caller already loaded it."""
+    obj = _torch_load(path) if obj is None else obj
     if not (isinstance(obj, dict) and obj.get("format") == FORMAT):
         raise CheckpointError(f"{path} is not an edgemix checkpoint")
     if obj.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has checkpoint format version {obj['format_version']}; this edgemix reads "
             f"up to {FORMAT_VERSION}", hint="upgrade edgemix")
+    sd = obj.get("state_dict")
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        found = ", ".join(sorted(map(str, obj))) or "nothing"
+        raise CheckpointError(f"edgemix checkpoint {path} has no state_dict of tensors (it holds: {found})",
+                              hint="re-save it with `edgemix train`, or pass a complete checkpoint")
+    if "spec" not in obj:
+        raise CheckpointError(f"edgemix checkpoint {path} has no model spec",
+                              hint="re-save it with `edgemix train`")
+    try:
+        MixerSpec.from_dict(obj["spec"])
+    except CheckpointError as e:
+        raise CheckpointError(f"edgemix checkpoint {path}: {e.message}", hint=e.hint) from None
     return obj
 
 
@@ -216,6 +230,7 @@ def load_weights(model: MlpMixer, path: str | Path, reset_head: bool = False) ->
     else:
         obj = _torch_load(path)
         if isinstance(obj, dict) and obj.get("format") == FORMAT:
+            obj = read_edgemix_checkpoint(path, obj)
             fmt, meta = "edgemix", obj.get("meta", {})
             sd, unexpected = obj["state_dict"], []
         elif isinstance(obj, dict):
@@ -235,5 +250,5 @@ def spec_from_checkpoint(path: str | Path) -> MixerSpec | None:
         return None
     obj = _torch_load(path)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        return MixerSpec.from_dict(obj["spec"])
+        return MixerSpec.from_dict(read_edgemix_checkpoint(path, obj)["spec"])
     return None

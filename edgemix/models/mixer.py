@@ -36,11 +36,17 @@ class MixerSpec:
         return (self.img_size // self.patch_size) ** 2
 
     def with_overrides(self, **kw) -> "MixerSpec":
-        kw = {k: v for k, v in kw.items() if v is not None}
-        spec = replace(self, **kw)
-        if spec.img_size % spec.patch_size:
-            from edgemix.errors import UsageError
+        from edgemix.errors import UsageError
 
+        kw = {k: v for k, v in kw.items() if v is not None}
+        for key, option in (("num_classes", "--num-classes"), ("img_size", "--image-size")):
+            if key in kw and kw[key] < 1:
+                raise UsageError(f"{option} must be >= 1, got {kw[key]}")
+        spec = replace(self, **kw)
+        if spec.img_size < spec.patch_size:
+            raise UsageError(f"image size {spec.img_size} is smaller than {spec.name}'s patch size {spec.patch_size}",
+                             hint=f"use an image size that is a multiple of {spec.patch_size}")
+        if spec.img_size % spec.patch_size:
             raise UsageError(
                 f"image size {spec.img_size} is not a multiple of {spec.name}'s patch size "
                 f"{spec.patch_size}",
@@ -55,8 +61,32 @@ class MixerSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MixerSpec":
+        """A spec stored in a checkpoint; an incomplete or malformed one is a usage error naming what is wrong."""
+        from dataclasses import MISSING, fields
+
+        from edgemix.errors import CheckpointError
+
+        if not isinstance(d, dict):
+            raise CheckpointError(f"the stored model spec is a {type(d).__name__}, not a table of fields")
+        known = {f.name: f for f in fields(cls)}
+        required = [n for n, f in known.items() if f.default is MISSING and f.default_factory is MISSING]
+        missing = [n for n in required if n not in d]
+        unknown = sorted(set(d) - set(known))
+        if missing or unknown:
+            raise CheckpointError("the stored model spec is incomplete or unknown: "
+                                  + "; ".join(([f"missing {', '.join(missing)}"] if missing else [])
+                                              + ([f"unknown {', '.join(unknown)}"] if unknown else [])),
+                                  hint="re-save the checkpoint with `edgemix train`, or pass --model")
         d = dict(d)
-        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        try:
+            d["mean"], d["std"] = tuple(float(v) for v in d.get("mean", cls.mean)), tuple(
+                float(v) for v in d.get("std", cls.std))
+            for n in ("patch_size", "hidden_dim", "depth", "tokens_mlp_dim", "channels_mlp_dim", "img_size",
+                      "in_chans", "num_classes"):
+                if n in d and (not isinstance(d[n], int) or isinstance(d[n], bool) or d[n] < 1):
+                    raise ValueError(f"{n} = {d[n]!r} is not a positive integer")
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"the stored model spec is malformed: {e}") from None
         return cls(**d)
 
     def macs(self) -> int:

@@ -115,7 +115,8 @@ def _ignored_scope(model: torch.nn.Module, keep_fp32):
     if unknown:
         from edgemix.errors import unknown_choice
 
-        raise unknown_choice("layer to keep in FP32", unknown[0], quantizable_layers(model))
+        raise unknown_choice("layer to keep in FP32", unknown[0], quantizable_layers(model),
+                             plural="layers to keep in FP32")
     # NNCF names a module's op "<module path with />/<op>/<call index>", e.g. blocks/0/mlp_tokens/fc1/linear/0
     return nncf.IgnoredScope(patterns=[re.escape(name.replace(".", "/")) + r"/(linear|conv2d)/\d+"
                                        for name in keep_fp32])

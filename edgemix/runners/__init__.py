@@ -12,6 +12,7 @@ CLI imports this module only when `edgemix bench` runs.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from edgemix.errors import UsageError
@@ -56,7 +57,9 @@ def bench(target: str, artifact: Path, *, host: str | None = None, port: int = 2
     if kind == "ssh":
         if not host:
             raise UsageError(f"target {profile.name} is benchmarked over ssh and needs --host USER@HOST")
-        from edgemix.runners.ssh import SshRunner
+        from edgemix.runners.ssh import SshRunner, check_destination
+
+        check_destination(host, port)
 
         runner = SshRunner(host, port=port, identity=identity, python=python or "python3", known_hosts=known_hosts,
                            remote_dir=settings.remote_dir, ssh_config=ssh_config, ssh=ssh, timeout_s=settings.timeout_s)
@@ -83,14 +86,39 @@ def bench(target: str, artifact: Path, *, host: str | None = None, port: int = 2
 
 
 def merge_into_report(folder: Path, result: BenchResult) -> Path:
-    """Put the result under ``bench`` in report.json, written to a temporary name and renamed."""
+    """Put the result under ``bench`` in report.json, written to a temporary name and renamed. When
+    report.json cannot be written (a read-only artifact folder), the measurement is not lost: it is
+    saved beside the working folder (or in the temp folder) and the error says where."""
     from edgemix.verify.report import write_json
 
     path = Path(folder) / "report.json"
-    report = json.loads(path.read_text())  # re-read: keep whatever changed since the artifact was loaded
-    report["bench"] = result.to_dict()
-    write_json(path, report)
-    return path
+    try:
+        report = json.loads(path.read_text())  # re-read: keep whatever changed since the artifact was loaded
+        report["bench"] = result.to_dict()
+        write_json(path, report)
+        return path
+    except OSError as e:
+        saved = save_elsewhere(result)
+        raise UsageError(f"cannot merge the bench results into {path}: {e.strerror or e}; the measured results "
+                         f"were saved to {saved}",
+                         hint="make the artifact folder writable and merge them by hand, or pass --no-merge") from None
+
+
+def save_elsewhere(result: BenchResult) -> Path:
+    """Write a BenchResult to a new file in the working folder, or the temp folder if that fails."""
+    import tempfile
+    import time
+
+    name = f"edgemix-bench-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+    text = json.dumps(result.to_dict(), indent=2, default=str) + "\n"
+    for folder in (Path.cwd(), Path(tempfile.gettempdir())):
+        try:
+            with open(folder / name, "x") as f:  # "x": never replaces an existing file
+                f.write(text)
+            return folder / name
+        except OSError:
+            continue
+    raise UsageError("cannot write the bench results anywhere (working folder and temp folder refused)")
 
 
 def _how(copy: dict) -> str:

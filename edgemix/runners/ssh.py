@@ -58,6 +58,22 @@ def classify_ssh_error(stderr: str, endpoint: str, what: str, known_hosts: Path 
     return DeviceError(f"ssh failed while {what} ({endpoint}): {last}")
 
 
+# [USER@]HOST: a name, an IPv4 address or a bracketed IPv6 address; nothing that ssh could read as
+# an option (a leading "-") or that a shell would split (spaces, quotes, ";").
+_DESTINATION = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9._+-]*@)?(?:[A-Za-z0-9_][A-Za-z0-9._-]*|\[[0-9A-Fa-f:.%a-z]+\])")
+
+
+def check_destination(host: str, port: int) -> None:
+    from edgemix.errors import UsageError
+
+    if not _DESTINATION.fullmatch(host or ""):
+        raise UsageError(f"--host {host!r} is not [USER@]HOST",
+                         hint="e.g. --host nvidia@orin.local or --host ubuntu@192.168.1.20; a host name cannot "
+                              "start with '-' or hold spaces")
+    if not 1 <= port <= 65535:
+        raise UsageError(f"--port {port} is not a TCP port (1..65535)", hint="sshd listens on 22 unless told otherwise")
+
+
 class SshRunner(Runner):
     """One authenticated master connection per bench (ControlMaster), reused by every step: a
     handshake costs 0.3-1 s on a Jetson (0.7 s on this 2-core host), and a bench takes a dozen steps."""
@@ -88,12 +104,16 @@ class SshRunner(Runner):
             cmd += ["-o", opt]
         if self._control:  # reuse the master; if it died, ssh falls back to a connection of its own
             cmd += ["-o", f"ControlPath={self._control}/%C", "-o", "ControlMaster=no"]
-        return cmd + [self.host]
+        return cmd + self.destination()
+
+    def destination(self) -> list[str]:
+        """"--" first: nothing from --host (or, after it, the remote command) is read as an ssh option."""
+        return ["--", self.host]
 
     def _ssh(self, remote: str, what: str, timeout: float, stdin=None) -> subprocess.CompletedProcess:
         self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
         try:
-            p = subprocess.run(self.base_command() + ["--", remote], stdin=stdin, capture_output=True, text=True,
+            p = subprocess.run(self.base_command() + [remote], stdin=stdin, capture_output=True, text=True,
                                timeout=timeout)
         except FileNotFoundError:
             raise ToolchainError(f"the OpenSSH client '{self.ssh}' is not installed",
@@ -132,8 +152,9 @@ class SshRunner(Runner):
         because the backgrounded master keeps the descriptor open and a pipe would never reach EOF."""
         self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
         control = tempfile.mkdtemp(prefix="emx-ssh-")  # short: unix socket paths are limited to ~100 bytes
-        cmd = self.base_command()[:-1] + ["-M", "-N", "-f", "-o", f"ControlPath={control}/%C",
-                                           "-o", f"ControlPersist={int(self.connect_timeout) + 50}", self.host]
+        cmd = self.base_command()[:-2] + ["-M", "-N", "-f", "-o", f"ControlPath={control}/%C",
+                                           "-o", f"ControlPersist={int(self.connect_timeout) + 50}",
+                                           *self.destination()]
         with tempfile.TemporaryFile(mode="w+") as err:
             try:
                 p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
@@ -154,7 +175,7 @@ class SshRunner(Runner):
 
     def close(self) -> None:
         if self._control:
-            subprocess.run(self.base_command()[:-1] + ["-O", "exit", self.host], capture_output=True, timeout=20)
+            subprocess.run(self.base_command()[:-2] + ["-O", "exit", *self.destination()], capture_output=True, timeout=20)
             shutil.rmtree(self._control, ignore_errors=True)
             self._control = None
 

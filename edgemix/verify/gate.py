@@ -16,7 +16,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 from edgemix.errors import UsageError, unknown_choice
-from edgemix.fileutil import write_text_atomic
+from edgemix.fileutil import user_path, write_text_atomic
 
 
 @dataclass
@@ -78,11 +78,38 @@ def baseline_of(report: dict) -> dict:
 LATENCY_BASES = ("auto", "fp32", "ms")  # what --baseline latency compares (see _latency_vs_baseline)
 
 
+def check_budgets(max_top1_drop: float | None, min_agreement: float | None, min_cosine: float | None,
+                  max_latency_ratio: float | None) -> None:
+    """A budget no build can meet (or one that means nothing) is a usage error, not a failed gate."""
+    for option, value, ok, valid in (
+            ("--max-top1-drop", max_top1_drop, lambda v: v >= 0, "points >= 0"),
+            ("--min-agreement", min_agreement, lambda v: 0 <= v <= 1, "a fraction in [0, 1], e.g. 0.99"),
+            ("--min-cosine", min_cosine, lambda v: -1 <= v <= 1, "a cosine in [-1, 1], e.g. 0.99"),
+            ("--max-latency-ratio", max_latency_ratio, lambda v: v > 0, "a ratio > 0, e.g. 1.5")):
+        if value is not None and not ok(value):
+            raise UsageError(f"{option} {value} is out of range; it takes {valid}")
+
+
+IDENTITY_KEYS = ("model", "target", "precision")  # what must match between a report and its baseline
+
+
+def check_same_build_kind(report: dict, baseline: dict) -> None:
+    """A baseline of another model, target or precision says nothing about this build: refuse it."""
+    diff = [f"{k} '{report.get(k)}' vs '{baseline.get(k)}'" for k in IDENTITY_KEYS
+            if k in baseline and baseline.get(k) != report.get(k)]
+    if diff:
+        raise UsageError(f"the baseline is for another build ({'; '.join(diff)}, report vs baseline)",
+                         hint="gate against the baseline of the same model, target and precision")
+
+
 def run_checks(report: dict, baseline: dict | None, max_top1_drop: float | None = None,
                min_agreement: float | None = None, max_latency_ratio: float | None = None,
                min_cosine: float | None = None, latency_basis: str = "auto") -> list[Check]:
     if latency_basis not in LATENCY_BASES:
-        raise unknown_choice("latency basis", latency_basis, LATENCY_BASES)
+        raise unknown_choice("latency basis", latency_basis, LATENCY_BASES, plural="latency bases")
+    check_budgets(max_top1_drop, min_agreement, min_cosine, max_latency_ratio)
+    if baseline:
+        check_same_build_kind(report, baseline)
     b = report["budget"]
     max_top1_drop = b["max_top1_drop"] if max_top1_drop is None else max_top1_drop
     min_agreement = b["min_agreement"] if min_agreement is None else min_agreement
@@ -177,6 +204,33 @@ def _latency_vs_baseline(report: dict, baseline: dict, max_ratio: float, basis: 
                  f"is timed in one run, so a slower machine cancels out)")
 
 
+JUNIT_SUITE_PREFIX = "edgemix.gate."
+
+
+def is_junit_file(path: Path) -> bool:
+    """Was ``path`` written by :func:`write_junit` (the only kind of file --junit replaces)?"""
+    with open(path, "rb") as f:
+        head = f.read(512).decode("utf-8", "replace")
+    return head.startswith("<?xml") and f"<testsuite name=\"{JUNIT_SUITE_PREFIX}" in head
+
+
+def check_output_paths(junit: Path | None, baseline: Path | None, update_baseline: bool) -> None:
+    """Before any check runs: the files the gate will write are new or edgemix's own."""
+    from edgemix.fileutil import refuse_foreign_file
+
+    if junit is not None:
+        refuse_foreign_file(junit, is_junit_file, "a JUnit report", "--junit")
+    if update_baseline and baseline is not None:
+        refuse_foreign_file(baseline, _is_baseline, "a baseline", "--baseline")
+
+
+def _is_baseline(path: Path) -> bool:
+    try:
+        return bool(read_baseline(path))
+    except UsageError:
+        return False
+
+
 def write_junit(path: Path, checks: list[Check], suite: str) -> None:
     failures = sum(not c.passed for c in checks)
     lines = ['<?xml version="1.0" encoding="UTF-8"?>',
@@ -189,11 +243,13 @@ def write_junit(path: Path, checks: list[Check], suite: str) -> None:
         lines.append(f"    <system-out>{escape(msg + '; ' + c.detail)}</system-out>")
         lines.append("  </testcase>")
     lines.append("</testsuite>")
-    write_text_atomic(path, "\n".join(lines) + "\n")
+    with user_path(path, "write the JUnit report to", "--junit"):
+        write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def update_baseline(path: Path, report: dict) -> None:
-    write_text_atomic(path, json.dumps(baseline_of(report), indent=2, default=str) + "\n")
+    with user_path(path, "write the baseline to", "--baseline"):
+        write_text_atomic(path, json.dumps(baseline_of(report), indent=2, default=str) + "\n")
 
 
 def read_baseline(path: Path) -> dict:

@@ -79,12 +79,14 @@ def evaluate(model_alias: str, weights, data: str, split: str = "test", limit: i
              batch_size: int = 250, image_size=None, num_classes=None, device: str = "auto"):
     from edgemix.models import load_model
 
+    from edgemix.data import check_labels
+
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     dev = pick_device(device)
     ds = evaluation_set(data, split, limit)
     model, prov = load_model(model_alias, weights, img_size=image_size, num_classes=num_classes)
-    if len(ds.classes) > model.spec.num_classes:
-        raise UsageError(f"data '{data}' has {len(ds.classes)} classes but the model's head has "
-                         f"{model.spec.num_classes}", hint="evaluate on data with the model's classes")
+    check_labels(ds, model.spec.num_classes, data)
     logits = reference_logits(model, ds, model.spec, batch_size, dev)
     labels = ds.labels.numpy()
     top1, per_class = accuracy_table(logits, labels, ds.classes)
@@ -95,9 +97,32 @@ def evaluate(model_alias: str, weights, data: str, split: str = "test", limit: i
     return result, logits
 
 
+REFERENCE_KEYS = {"logits", "top1", "device"}
+
+
+def is_reference_file(path: Path) -> bool:
+    """Was ``path`` written by :func:`save_reference` (the only kind of file --save-logits replaces)?"""
+    with np.load(path, allow_pickle=False) as z:
+        return set(z.files) == REFERENCE_KEYS
+
+
+def check_reference_path(path: Path) -> None:
+    """Before any work: --save-logits may name a new file or one edgemix wrote, nothing else."""
+    from edgemix.fileutil import refuse_foreign_file
+
+    refuse_foreign_file(path, is_reference_file, "a reference-logits file", "--save-logits")
+
+
 def save_reference(path: Path, result: dict, logits: np.ndarray) -> None:
+    from edgemix.fileutil import user_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_reference_path(path)
     tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez_compressed(tmp, logits=logits, top1=result["top1"], device=result["device"])
-    tmp.replace(path)
+    with user_path(path, "write the reference logits to", "--save-logits"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            np.savez_compressed(tmp, logits=logits, top1=result["top1"], device=result["device"])
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
