@@ -3,15 +3,16 @@
     resolve + validate -> FP32 reference -> quantize + lower (backend) -> verify the written
     artifact (drift, latency, INT8-vs-FP32) -> report -> move the folder into place
 
-Everything is written into a staging folder beside the destination and renamed into place at
-the end, so a failed build leaves the previous build untouched and no half-written artifact.
+Everything is written into a staging folder beside the destination and swapped into place at
+the end, so a failed build leaves the previous build untouched and no half-written artifact;
+`edgemix.outdir` decides which folders a build may replace, keeps one build per folder and makes
+the swap survive a kill.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -19,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgemix import cache, console
+from edgemix import cache, console, outdir
 from edgemix.backends.base import BuildJob, batched_predict, get_backend
 from edgemix.config import ALIASES, BuildConfig, resolve_recipe, resolve_target, write_resolved_toml
-from edgemix.data import load_dataset, stratified_indices, to_model_input
+from edgemix.data import check_labels, load_dataset, stratified_indices, to_model_input
 from edgemix.errors import UsageError
 from edgemix.verify import report as rep
 from edgemix.verify.drift import drift_metrics
@@ -79,21 +80,6 @@ def _fingerprint(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def _swap_into_place(stage_dir: Path, out: Path) -> None:
-    """Replace ``out`` by ``stage_dir`` with renames only; the old build survives until the new one is in."""
-    backup = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(backup)
-    try:
-        stage_dir.rename(out)
-    except OSError:
-        if backup.exists():
-            backup.rename(out)
-        raise
-    if backup.exists():
-        shutil.rmtree(backup, ignore_errors=True)
-
-
 def build(cfg: BuildConfig) -> dict:
     t_start = time.perf_counter()
     stages = Stages()
@@ -107,54 +93,57 @@ def build(cfg: BuildConfig) -> dict:
         for arch in {native.host_arch(), "aarch64"}:
             native.check_toolchain(arch)  # a missing cross compiler or qemu fails before any work
     recipe = resolve_recipe(cfg.calib)
-    from edgemix.models import load_model
+    # Claimed before the model and data load: a destination that is not ours, or one another build
+    # is writing, is refused at once; held until the new build is in place, so that the up-to-date
+    # check and the swap see the folder no other build can be changing.
+    out = outdir.final_path(cfg.out)
+    with outdir.claim(out):
+        from edgemix.models import load_model
 
-    model, weights = load_model(cfg.model, cfg.weights, img_size=cfg.image_size, num_classes=cfg.num_classes,
-                                reset_head=cfg.reset_head, allow_random=cfg.random_weights)
-    spec = model.spec
-    calib_set = load_dataset(recipe.data, recipe.split)
-    calib_set = calib_set.subset(stratified_indices(calib_set.labels, recipe.images, recipe.seed))
-    eval_set = load_dataset(cfg.eval_data, cfg.eval_split)
-    if cfg.eval_limit:
-        eval_set = eval_set.subset(stratified_indices(eval_set.labels, cfg.eval_limit, 0))
-    if len(eval_set.classes) > spec.num_classes:
-        raise UsageError(f"evaluation data '{cfg.eval_data}' has {len(eval_set.classes)} classes but the model's "
-                         f"head has {spec.num_classes}", hint="pass --num-classes with --reset-head, or other data")
-    train_set = load_dataset(cfg.train_data, "train") if cfg.qat_epochs else None
-    threads = cfg.threads or target.threads
-    torch.set_num_threads(threads)
-    out = Path(cfg.out)
-    calib_inputs = to_model_input(calib_set.images, spec)
-    fingerprint = _fingerprint({
-        "weights": weights["sha256"], "calib": tensor_sha256(calib_set.images), "recipe": recipe.model_dump(),
-        "target": target.model_dump(), "config": cfg.model_dump(exclude={"force", "out", "cache"}),
-        "versions": rep.library_versions(), "eval": tensor_sha256(eval_set.images),
-    })
-    if not cfg.force and (out / "report.json").is_file():
-        try:
-            old = json.loads((out / "report.json").read_text())
-        except (OSError, ValueError):
-            old = {}
-        if old.get("provenance", {}).get("fingerprint") == fingerprint:
-            console.info(f"{out} is up to date (fingerprint {fingerprint[:12]}); pass --force to rebuild")
-            return old
+        model, weights = load_model(cfg.model, cfg.weights, img_size=cfg.image_size, num_classes=cfg.num_classes,
+                                    reset_head=cfg.reset_head, allow_random=cfg.random_weights)
+        spec = model.spec
+        calib_set = load_dataset(recipe.data, recipe.split)
+        calib_set = calib_set.subset(stratified_indices(calib_set.labels, recipe.images, recipe.seed))
+        eval_set = load_dataset(cfg.eval_data, cfg.eval_split)
+        if cfg.eval_limit:
+            eval_set = eval_set.subset(stratified_indices(eval_set.labels, cfg.eval_limit, 0))
+        check_labels(eval_set, spec.num_classes, cfg.eval_data)
+        train_set = load_dataset(cfg.train_data, "train") if cfg.qat_epochs else None
+        if train_set is not None:
+            check_labels(train_set, spec.num_classes, cfg.train_data)
+        threads = cfg.threads or target.threads
+        torch.set_num_threads(threads)
+        calib_inputs = to_model_input(calib_set.images, spec)
+        fingerprint = _fingerprint({
+            "weights": weights["sha256"], "calib": tensor_sha256(calib_set.images), "recipe": recipe.model_dump(),
+            "target": target.model_dump(), "config": cfg.model_dump(exclude={"force", "out", "cache"}),
+            "versions": rep.library_versions(), "eval": tensor_sha256(eval_set.images),
+        })
+        if not cfg.force and (out / "report.json").is_file():
+            try:
+                old = json.loads((out / "report.json").read_text())
+            except (OSError, ValueError):
+                old = {}
+            if old.get("provenance", {}).get("fingerprint") == fingerprint:
+                console.info(f"{out} is up to date (fingerprint {fingerprint[:12]}); pass --force to rebuild")
+                return old
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage_dir = out.with_name(f".{out.name}.staging-{os.getpid()}")
-    shutil.rmtree(stage_dir, ignore_errors=True)
-    stage_dir.mkdir()
-    try:
-        report = _build_in(stage_dir, cfg, target, backend, recipe, model, spec, weights, calib_set, calib_inputs,
-                           eval_set, train_set, threads, stages, fingerprint)
-        write_resolved_toml(stage_dir / "config.resolved.toml", cfg, target, recipe)
-        report["stages"] = stages.rows
-        report["build_seconds"] = round(time.perf_counter() - t_start, 2)
-        report["artifact"]["dir"] = str(out)
-        rep.write_json(stage_dir / "report.json", report)
-        rep.write_atomic(stage_dir / "report.md", rep.render_markdown(report))
-        _swap_into_place(stage_dir, out)
-    finally:
+        stage_dir = outdir.staging_path(out)
         shutil.rmtree(stage_dir, ignore_errors=True)
+        stage_dir.mkdir()
+        try:
+            report = _build_in(stage_dir, cfg, target, backend, recipe, model, spec, weights, calib_set,
+                               calib_inputs, eval_set, train_set, threads, stages, fingerprint)
+            write_resolved_toml(stage_dir / "config.resolved.toml", cfg, target, recipe)
+            report["stages"] = stages.rows
+            report["build_seconds"] = round(time.perf_counter() - t_start, 2)
+            report["artifact"]["dir"] = str(out)
+            rep.write_json(stage_dir / "report.json", report)
+            rep.write_atomic(stage_dir / "report.md", rep.render_markdown(report))
+            outdir.replace(stage_dir, out)
+        finally:
+            shutil.rmtree(stage_dir, ignore_errors=True)
     console.stage_line("report", f"{out}/report.json, report.md, config.resolved.toml",
                        time.perf_counter() - t_start)
     return report
