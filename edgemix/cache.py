@@ -79,10 +79,10 @@ def _not_cached(err: OSError) -> None:
     if _warned_unwritable:
         return
     _warned_unwritable = True
-    import sys
+    from edgemix import console
 
-    print(f"warning: the build cache {root()} is not writable ({err.strerror or err}); results are not "
-          f"cached. Set {ENV} to a writable folder, or to 'off'.", file=sys.stderr, flush=True)
+    console.warn(f"the build cache {root()} is not writable ({err.strerror or err}); results are not "
+                 f"cached. Set {ENV} to a writable folder, or to 'off'.")
 
 
 def _entry(kind: str, key: str) -> Path | None:

@@ -47,6 +47,9 @@ def handles_errors(fn):
 
 
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output (also under CI=true).")
+VerboseOpt = typer.Option(False, "--verbose", "-v",
+                          help="Also show what the libraries underneath print (warnings, log lines); "
+                               "captured by default.")
 
 
 def _set_quiet(q: bool) -> None:
@@ -267,6 +270,7 @@ def build_cmd(
                                help="Reuse FP32 reference logits and the FP32 comparison artifact from "
                                     "$EDGEMIX_CACHE_DIR (default ~/.cache/edgemix), keyed by content."),
     quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
 ):
     """Quantize, lower and verify a model for a target; writes artifacts/{model}_{target}_{precision}/."""
     _set_quiet(quiet)
@@ -295,7 +299,10 @@ def build_cmd(
         compare_fp32=compare_fp32, isa_check=isa_check, out=str(out or default_out(spec.name, profile, prec, qat_epochs > 0)),
         force=force, cache=cache,
     )
-    report = build(cfg)
+    from edgemix.console import capture_noise
+
+    with capture_noise(verbose):
+        report = build(cfg)
     d = report["drift"]
     typer.echo(f"{report['model']} -> {report['target']} {report['precision']}: top-1 "
                f"{100 * report['reference']['top1']:.2f}% (FP32) -> {100 * report['deployed']['top1']:.2f}% "
@@ -401,6 +408,7 @@ def bench_cmd(
     merge: bool = typer.Option(True, "--merge/--no-merge", help="Write the result into report.json under 'bench'."),
     as_json: bool = typer.Option(False, "--json", help="Print the BenchResult as JSON instead of a table."),
     quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
 ):
     """Run a built artifact on the device: latency per batch size and on-device drift, merged into report.json."""
     _set_quiet(quiet)
@@ -413,9 +421,12 @@ def bench_cmd(
 
         profile = resolve_target(target)
         artifact = default_out(resolve_spec(model).name, profile, precision or profile.default_precision, False)
-    result = bench(target, artifact, host=host, port=port, identity=identity, python=python, known_hosts=known_hosts,
-                   serial=serial, runner_path=runner_path, warmup=warmup, iterations=iterations, threads=threads,
-                   timeout_s=timeout, remote_dir=remote_dir, merge=merge)
+    from edgemix.console import capture_noise
+
+    with capture_noise(verbose):
+        result = bench(target, artifact, host=host, port=port, identity=identity, python=python,
+                       known_hosts=known_hosts, serial=serial, runner_path=runner_path, warmup=warmup,
+                       iterations=iterations, threads=threads, timeout_s=timeout, remote_dir=remote_dir, merge=merge)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
         return

@@ -15,8 +15,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TARGETS_DIR = REPO_ROOT / "targets"
 CALIB_DIR = REPO_ROOT / "calib"
 ALIASES = {"jetson": "jetson-orin-nano", "phone": "android-arm64", "host": "host-cpu"}
-BACKENDS = ("executorch", "tensorrt")
-PRECISIONS = ("int8", "fp32", "fp16")
 
 
 class _Strict(BaseModel):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from contextlib import contextmanager
 
 _quiet = False
@@ -19,10 +18,90 @@ def quiet() -> bool:
     return _quiet or os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+# While third-party output is captured (capture_noise), edgemix's own lines go to the terminal's
+# original descriptors through these streams; otherwise to sys.stdout / sys.stderr.
+_terminal: tuple | None = None
+
+
+def _out():
+    return _terminal[0] if _terminal else sys.stdout
+
+
+def _err():
+    return _terminal[1] if _terminal else sys.stderr
+
+
 def info(msg: str) -> None:
     """Result lines (a stage done, a summary) are printed even under CI; only progress is silenced."""
     if not _quiet:
-        print(msg, flush=True)
+        print(msg, file=_out(), flush=True)
+
+
+def warn(msg: str) -> None:
+    """A warning the user must see (even under --quiet): to stderr, past any captured noise."""
+    print(f"warning: {msg}", file=_err(), flush=True)
+
+
+def _flush_c_stdio() -> None:
+    """C and C++ libraries (ExecuTorch's runtime, XNNPACK's cpuinfo) buffer their own stdout: flush it
+    before a descriptor is swapped, or their lines surface later on the wrong side."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
+
+
+@contextmanager
+def capture_noise(verbose: bool = False):
+    """Run a build with third-party output captured: torch/torchao warnings and log lines, torchao's
+    attempts to load CUDA kernels, XNNPACK's cpuinfo lines. They are written at the file-descriptor
+    level by C++ as well as by Python, so descriptors 1 and 2 point at a temporary file while the
+    stage lines go to the terminal. ``verbose`` shows everything as it comes. If the work fails with
+    something other than a user error, the captured text is shown before the error: it may explain it."""
+    global _terminal
+    if verbose or _terminal is not None:
+        yield
+        return
+    import tempfile
+
+    from edgemix.errors import EdgemixError
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _flush_c_stdio()
+    saved = os.dup(1), os.dup(2)
+    log = tempfile.TemporaryFile(mode="w+b")
+    _terminal = (os.fdopen(os.dup(saved[0]), "w", buffering=1), os.fdopen(os.dup(saved[1]), "w", buffering=1))
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    failed = False
+    try:
+        yield
+    except EdgemixError:
+        raise
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        _flush_c_stdio()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in _terminal:
+            f.close()
+        _terminal = None
+        for fd in saved:
+            os.close(fd)
+        if failed:
+            log.seek(0)
+            text = log.read().decode("utf-8", "replace")[-20000:]
+            if text.strip():
+                print("--- output of the libraries edgemix called (captured) ---\n" + text.rstrip()
+                      + "\n--- end of captured output ---", file=sys.stderr, flush=True)
+        log.close()
 
 
 def human_bytes(n: int | None) -> str:
@@ -43,21 +122,14 @@ def stage_line(name: str, produced: str, seconds: float, size: int | None = None
 @contextmanager
 def progress(description: str, total: int | None):
     """Yields advance(n=1); a rich progress bar on a terminal, nothing under CI/--quiet."""
-    if quiet() or not sys.stderr.isatty():
+    if quiet() or not _err().isatty():
         yield lambda n=1, **kw: None
         return
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[extra]}"), TimeElapsedColumn(), transient=True) as p:
+                  TextColumn("{task.fields[extra]}"), TimeElapsedColumn(), transient=True,
+                  console=Console(file=_err())) as p:
         task = p.add_task(description, total=total, extra="")
         yield lambda n=1, **kw: p.update(task, advance=n, extra=" ".join(f"{k}={v}" for k, v in kw.items()))
-
-
-class Timer:
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.t0

@@ -81,6 +81,20 @@ def test_phone_build_artifacts_and_report(phone):
     assert r["reference"]["from_cache"] is False and r["fp32_comparison"]["fp32_from_cache"] is False
 
 
+@pytest.mark.parametrize("which", ["phone", "jetson"])
+def test_report_md_renders_every_section_of_its_target(request, which):
+    out = request.getfixturevalue(which)[0]
+    md = (out / "report.md").read_text()
+    common = ["# edgemix build: fmnist", "## Accuracy against the FP32 reference", "## Host latency",
+              "INT8 vs the FP32 artifact of the same target", "## Files", "## Stages", "## Provenance"]
+    own = {"phone": ["## Drift on the phone's instruction set", "## Delegation"],
+           "jetson": ["## TensorRT engine", "## TensorRT compatibility check"]}[which]
+    for section in common + own:
+        assert section in md, section
+    if which == "jetson":  # the check's own findings, not an empty block
+        assert '"ok": true' in md.split("## TensorRT compatibility check", 1)[1]
+
+
 def test_phone_isa_drift_flags_untrusted_emulation(phone):
     r = _report(phone[0])
     prof = {p["cpu"]: p for p in r["isa_drift"]["profiles"]}

@@ -33,9 +33,13 @@ def library_versions() -> dict[str, str | None]:
 
 
 def git_commit() -> str | None:
+    """The commit of the edgemix checkout this runs from; None for an installed wheel (whose folder is
+    not a checkout: asking git there would name whatever repository happens to enclose it)."""
+    checkout = Path(__file__).resolve().parents[2]
+    if not (checkout / ".git").exists() or not (checkout / "pyproject.toml").is_file():
+        return None
     try:
-        p = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                           cwd=Path(__file__).resolve().parents[2])
+        p = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=checkout)
         return p.stdout.strip() or None if p.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -139,7 +143,7 @@ def render_markdown(r: dict) -> str:
         lines += [f"| {row['layer']} | {row['drift']:.2e} | {_pct(row['agreement'])} |" for row in fb["ranking"]]
         lines += ["", f"Kept in FP32 to meet the budget: {', '.join(fb['keep_fp32']) or 'none'} "
                       f"(budget {'met' if fb['met'] else 'NOT met'})."]
-    for key, title in (("delegation", "Delegation"), ("engine", "TensorRT engine"), ("compatibility", "TensorRT check")):
+    for key, title in (("delegation", "Delegation"), ("engine", "TensorRT engine"), ("compat", "TensorRT compatibility check")):
         if key in r.get("details", {}):
             lines += ["", f"## {title}", "", "```json", json.dumps(r["details"][key], indent=2, default=str)[:4000], "```"]
     p = r["provenance"]
