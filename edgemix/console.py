@@ -76,6 +76,9 @@ def capture_noise(verbose: bool = False):
     _terminal = (os.fdopen(os.dup(saved[0]), "w", buffering=1), os.fdopen(os.dup(saved[1]), "w", buffering=1))
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
+    # Python-level writers too, where sys.stdout is not descriptor 1 (pytest, notebooks)
+    py_streams = sys.stdout, sys.stderr
+    sys.stdout = sys.stderr = open(os.dup(log.fileno()), "w", buffering=1, errors="replace")
     failed = False
     try:
         yield
@@ -85,8 +88,8 @@ def capture_noise(verbose: bool = False):
         failed = True
         raise
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        sys.stdout.close()
+        sys.stdout, sys.stderr = py_streams
         _flush_c_stdio()
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)

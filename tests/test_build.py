@@ -63,6 +63,9 @@ def test_phone_build_artifacts_and_report(phone):
     out, proc = phone
     for stage in ("reference", "export", "calibrate", "lower", "write", "verify", "latency", "isa", "report"):
         assert f"[{stage:>9}]" in proc.stdout, stage  # one line per stage
+    # and nothing else: no library warnings, torchao load failures or cpuinfo lines between them
+    lines = proc.stdout.splitlines() + proc.stderr.splitlines()
+    assert [ln for ln in lines if not (ln.startswith("[") or ln.startswith("fmnist -> "))] == [], lines
     r = _report(out)
     assert (r["model"], r["target"], r["backend"], r["precision"]) == ("fmnist", "android-arm64", "executorch", "int8")
     assert (out / "fmnist_phone_int8.pte").stat().st_size == r["artifact"]["bytes"]
