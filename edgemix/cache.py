@@ -1,4 +1,6 @@
-"""A content-addressed cache for the one-time costs of a build.
+"""A content-addressed cache for the one-time costs of a build, and the one cache root of edgemix:
+the native runners (``runners/``), the ExecuTorch SDKs they are built against (``sdk/``) and the
+wheels those come from (``wheels/``) live under it too (edgemix.native).
 
 Two results depend only on what goes in, not on the INT8 work a build does, and cost more than
 half of an S/16 build at 224 px on a 2-core host when recomputed each time:
@@ -33,8 +35,24 @@ import torch
 ENV = "EDGEMIX_CACHE_DIR"
 
 
+_off = 0  # > 0 inside `disabled()`: --no-cache for everything one build does
+
+
+@contextlib.contextmanager
+def disabled():
+    """Switch the cache off for the work in this block (``--no-cache``), every kind of entry alike."""
+    global _off
+    _off += 1
+    try:
+        yield
+    finally:
+        _off -= 1
+
+
 def root() -> Path | None:
     """The cache folder, or None when caching is switched off."""
+    if _off:
+        return None
     value = os.environ.get(ENV)
     if value is not None:
         return None if value.strip().lower() in ("", "off", "0", "false", "no") else Path(value).expanduser()

@@ -95,7 +95,7 @@ def models_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-reada
 @app.command("targets")
 @handles_errors
 def targets_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
-    """List the device profiles in targets/ (and their aliases)."""
+    """List the device profiles (shipped, and those in $EDGEMIX_TARGETS_PATH) and their aliases."""
     from edgemix.config import ALIASES, load_targets
 
     targets = load_targets()
@@ -239,7 +239,8 @@ def build_cmd(
     model: str = typer.Option("fmnist", "--model", "-m", help="Model alias (see `edgemix models`)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Checkpoint (default: the shipped one)."),
     precision: Optional[str] = typer.Option(None, help="int8, fp32 or fp16 (default: the target's)."),
-    calib: str = typer.Option("default", help="Calibration recipe in calib/ (name) or a .toml path."),
+    calib: str = typer.Option("default", help="Calibration recipe: a shipped name (default, fast64, histogram), one in "
+                                                  "$EDGEMIX_CALIB_PATH, or a .toml path."),
     qat_epochs: float = typer.Option(0.0, "--qat-epochs", help="Quantization-aware fine-tuning epochs (0 = PTQ)."),
     train_data: Optional[str] = typer.Option(None, "--train-data",
                                              help="QAT training data (default: fashion-mnist if installed, else sample)."),

@@ -1,19 +1,21 @@
-"""Validated configuration: device profiles (targets/*.toml), calibration recipes (calib/*.toml)
+"""Validated configuration: device profiles (resources/targets/*.toml, and folders of the user's own
+named by $EDGEMIX_TARGETS_PATH), calibration recipes (resources/calib/*.toml)
 and the resolved build config. Validation lives here; a bad file is a clear error, not a traceback."""
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from edgemix import resources
 from edgemix.errors import UsageError, unknown_choice
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TARGETS_DIR = REPO_ROOT / "targets"
-CALIB_DIR = REPO_ROOT / "calib"
+TARGETS_DIR = resources.path("targets")
+CALIB_DIR = resources.path("calib")
 ALIASES = {"jetson": "jetson-orin-nano", "phone": "android-arm64", "host": "host-cpu"}
 
 
@@ -150,29 +152,57 @@ def _load_model(cls, path: Path, what: str):
                          hint=f"see the other files in {path.parent} for the expected fields") from None
 
 
-def load_targets(folder: Path = TARGETS_DIR) -> dict[str, TargetProfile]:
-    return {p.stem: _load_model(TargetProfile, p, "target profile") for p in sorted(folder.glob("*.toml"))}
+# Folders of the user's own profiles and recipes, searched before the shipped ones (a file there with
+# a shipped name replaces it): os.pathsep-separated, like PATH.
+TARGETS_ENV = "EDGEMIX_TARGETS_PATH"
+CALIB_ENV = "EDGEMIX_CALIB_PATH"
 
 
-def _resolve(cls, name: str, folder: Path, what: str, kind: str, aliases: dict[str, str]):
-    """A file by name (or alias) in ``folder``, or a path to a .toml of the user's own."""
+def _search_path(env: str, shipped: Path) -> list[Path]:
+    own = [Path(p).expanduser() for p in os.environ.get(env, "").split(os.pathsep) if p.strip()]
+    for folder in own:
+        if not folder.is_dir():
+            raise UsageError(f"${env} names {folder}, which is not a folder",
+                             hint=f"set {env} to folders of .toml files, separated by '{os.pathsep}'")
+    return [*own, shipped]
+
+
+def _files(folders: list[Path]) -> dict[str, Path]:
+    """name -> file, the first folder that has a name winning."""
+    found: dict[str, Path] = {}
+    for folder in folders:
+        for p in sorted(folder.glob("*.toml")):
+            found.setdefault(p.stem, p)
+    return found
+
+
+def load_targets(folders: list[Path] | None = None) -> dict[str, TargetProfile]:
+    files = _files(folders or _search_path(TARGETS_ENV, TARGETS_DIR))
+    return {name: _load_model(TargetProfile, p, "target profile") for name, p in sorted(files.items())}
+
+
+def _resolve(cls, name: str, folders: list[Path], what: str, kind: str, aliases: dict[str, str]):
+    """A file by name (or alias) in ``folders``, or a path to a .toml of the user's own."""
     if name.endswith(".toml") or "/" in name:
         path = Path(name)
         if not path.is_file():
             raise UsageError(f"{what} file '{name}' does not exist")
         return _load_model(cls, path, what)
-    path = folder / f"{aliases.get(name, name)}.toml"
-    if not path.is_file():
-        raise unknown_choice(kind, name, [p.stem for p in folder.glob("*.toml")] + list(aliases))
+    files = _files(folders)
+    path = files.get(name) or files.get(aliases.get(name, name))
+    if path is None:
+        raise unknown_choice(kind, name, list(files) + list(aliases))
     return _load_model(cls, path, what)
 
 
-def resolve_target(name: str, folder: Path = TARGETS_DIR) -> TargetProfile:
-    return _resolve(TargetProfile, name, folder, "target profile", "target", ALIASES)
+def resolve_target(name: str, folders: list[Path] | None = None) -> TargetProfile:
+    return _resolve(TargetProfile, name, folders or _search_path(TARGETS_ENV, TARGETS_DIR), "target profile",
+                    "target", ALIASES)
 
 
-def resolve_recipe(name: str, folder: Path = CALIB_DIR) -> CalibRecipe:
-    return _resolve(CalibRecipe, name, folder, "calibration recipe", "calibration recipe", {})
+def resolve_recipe(name: str, folders: list[Path] | None = None) -> CalibRecipe:
+    return _resolve(CalibRecipe, name, folders or _search_path(CALIB_ENV, CALIB_DIR), "calibration recipe",
+                    "calibration recipe", {})
 
 
 class BuildConfig(_Strict):

@@ -1,4 +1,4 @@
-"""Native ExecuTorch runners: build bench/runner/edgemix_runner.cpp for the host and for arm64, run a
+"""Native ExecuTorch runners: build resources/runner/edgemix_runner.cpp for the host and for arm64, run a
 ``.pte`` with them (arm64 under qemu-user), and check that an emulated CPU profile can be trusted.
 
 Why a native runner at all: the Python runtime runs the x86-64 kernels only, and an INT8 program
@@ -7,7 +7,8 @@ features). The runner is the C++ Module API program an app would link, built aga
 of the *same* executorch version the program was exported with: for the host from the installed
 package, for arm64 from the ``manylinux_2_28_aarch64`` wheel (downloaded once with pip).
 
-Everything built or downloaded lives under ``$XDG_CACHE_HOME/edgemix`` (default ``~/.cache/edgemix``):
+Everything built or downloaded lives under edgemix's cache root (``$EDGEMIX_CACHE_DIR``, default
+``~/.cache/edgemix``; see edgemix.cache):
 ``wheels/`` (the arm64 wheel), ``sdk/executorch-<ver>-<arch>/`` (its include/ and lib/),
 ``runners/<arch>-et<ver>-<key>/`` (the binary with its shared libraries beside it, so the folder can
 be copied to a device as is; ``key`` hashes the source, the compiler and the flags).
@@ -32,9 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edgemix import resources
 from edgemix.errors import ToolchainError, UsageError, unknown_choice
 
-RUNNER_SOURCE = Path(__file__).resolve().parent.parent / "bench" / "runner" / "edgemix_runner.cpp"
+RUNNER_SOURCE = resources.path("runner", "edgemix_runner.cpp")
 # The libraries a program lowered to XNNPACK needs; they register their kernels and the delegate
 # from static constructors, hence --no-as-needed (nothing references them by symbol).
 RUNTIME_LIBS = ("executorch_kernels_optimized", "executorch_kernels_quantized",
@@ -63,8 +65,20 @@ EMULATOR_PACKAGE = "qemu-user-static"
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "edgemix"
+    """edgemix's cache root (edgemix.cache.root); with the cache off, a folder of this process's own
+    that is removed when it exits, so --no-cache leaves nothing behind (the runner is rebuilt)."""
+    from edgemix import cache
+
+    return cache.root() or _scratch()
+
+
+@functools.cache
+def _scratch() -> Path:
+    import atexit
+
+    folder = Path(tempfile.mkdtemp(prefix="edgemix-nocache-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def host_arch() -> str:
@@ -209,7 +223,7 @@ def executorch_sdk(arch: str) -> Path:
 def _build_key(arch: str, compiler: str, version: str) -> str:
     if not RUNNER_SOURCE.is_file():
         raise ToolchainError(f"runner source {RUNNER_SOURCE} not found",
-                             hint="native runners are built from an edgemix checkout (bench/runner/)")
+                             hint="reinstall edgemix: the source ships inside the package (resources/runner/)")
     cc_version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     h = hashlib.sha256()
     for part in (RUNNER_SOURCE.read_bytes(), cc_version.encode(), version.encode(), arch.encode(),

@@ -81,6 +81,13 @@ def _fingerprint(parts: dict) -> str:
 
 
 def build(cfg: BuildConfig) -> dict:
+    if cfg.cache:
+        return _build(cfg)
+    with cache.disabled():  # --no-cache: no entry of any kind is read or written (runners included)
+        return _build(cfg)
+
+
+def _build(cfg: BuildConfig) -> dict:
     t_start = time.perf_counter()
     stages = Stages()
     # ---------------------------------------------------------------- resolve, fail fast

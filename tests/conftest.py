@@ -14,9 +14,19 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session", autouse=True)
 def _build_cache(tmp_path_factory):
     """One fresh build cache for the session (never the user's ~/.cache/edgemix); CLI subprocesses
-    inherit it through the environment."""
+    inherit it through the environment. The compiled native runners, their ExecuTorch SDKs and the
+    arm64 wheel are shared with the default cache: they are keyed by source, compiler and version,
+    and rebuilding them (a 17 MB download among it) every session would test nothing more."""
     old = os.environ.get("EDGEMIX_CACHE_DIR")
-    os.environ["EDGEMIX_CACHE_DIR"] = str(tmp_path_factory.mktemp("edgemix-cache"))
+    fresh = tmp_path_factory.mktemp("edgemix-cache")
+    shared = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgemix"
+    for kind in ("runners", "sdk", "wheels"):
+        try:
+            (shared / kind).mkdir(parents=True, exist_ok=True)
+            (fresh / kind).symlink_to(shared / kind, target_is_directory=True)
+        except OSError:
+            pass  # an unwritable home: this session builds its own
+    os.environ["EDGEMIX_CACHE_DIR"] = str(fresh)
     yield
     if old is None:
         os.environ.pop("EDGEMIX_CACHE_DIR", None)

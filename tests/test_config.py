@@ -41,3 +41,34 @@ def test_recipes():
     assert (r.data, r.images, r.observer) == ("sample", 128, "minmax")
     with pytest.raises(UsageError, match="did you mean 'default'"):
         resolve_recipe("defualt")
+
+
+def test_a_folder_of_own_profiles_and_recipes(tmp_path):
+    """$EDGEMIX_TARGETS_PATH / $EDGEMIX_CALIB_PATH: the user's folders are searched first, through the
+    real command, and a file with a shipped name replaces that profile."""
+    from conftest import assert_clean_error, run_cli
+
+    from edgemix.config import TARGETS_DIR
+
+    mine = tmp_path / "targets"
+    mine.mkdir()
+    orin = (TARGETS_DIR / "jetson-orin-nano.toml").read_text()
+    (mine / "my-orin.toml").write_text(orin.replace("max_top1_drop = 1.0", "max_top1_drop = 0.25"))
+    (mine / "android-arm64.toml").write_text((TARGETS_DIR / "android-arm64.toml").read_text()
+                                             .replace("threads = 2", "threads = 4"))
+    recipes = tmp_path / "calib"
+    recipes.mkdir()
+    (recipes / "tiny.toml").write_text('data = "sample"\nimages = 16\n')
+    env = {"EDGEMIX_TARGETS_PATH": str(mine), "EDGEMIX_CALIB_PATH": str(recipes)}
+    p = run_cli("targets", "--json", env=env)
+    assert p.returncode == 0, p.stderr
+    targets = __import__("json").loads(p.stdout)
+    assert targets["my-orin"]["budget"]["max_top1_drop"] == 0.25 and "jetson-orin-nano" in targets
+    assert targets["android-arm64"]["threads"] == 4  # the user's file replaced the shipped one
+    p = run_cli("build", "--target", "my-orin", "--calib", "tiny", "--eval-limit", "50", "--no-compare-fp32",
+                "--latency-runs", "3", "--latency-seconds", "0", "--out", tmp_path / "out", env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    report = __import__("json").loads((tmp_path / "out" / "report.json").read_text())
+    assert report["target"] == "my-orin" and report["provenance"]["calibration_images"] == 16
+    assert_clean_error(run_cli("targets", env={"EDGEMIX_TARGETS_PATH": str(tmp_path / "nope")}), 2,
+                       "EDGEMIX_TARGETS_PATH names", "not a folder")

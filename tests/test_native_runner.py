@@ -1,4 +1,4 @@
-"""Native ExecuTorch runners (edgemix.native, bench/runner/edgemix_runner.cpp): built for x86-64 and,
+"""Native ExecuTorch runners (edgemix.native, edgemix/resources/runner/edgemix_runner.cpp): built for x86-64 and,
 cross-compiled, for arm64; an INT8 fmnist .pte run natively and under qemu-user, compared with the
 Python runtime; the ISA self-test that marks an emulated profile untrusted; missing/broken toolchains.
 

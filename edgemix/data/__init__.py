@@ -2,7 +2,7 @@
 
 A data *source* is a string:
   ``fashion-mnist``        the full set from Debian's dataset-fashion-mnist package
-  ``sample``               the stratified Fashion-MNIST sample shipped in calib/data/
+  ``sample``               the stratified Fashion-MNIST sample shipped in edgemix/resources/data/
   ``PATH``                 a folder of the four IDX files, or an image folder (one sub-folder per class)
 """
 
@@ -15,11 +15,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edgemix import resources
 from edgemix.data import idx
 from edgemix.errors import DataError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SAMPLE_DIR = REPO_ROOT / "calib" / "data" / "fashion-mnist-sample"
+SAMPLE_DIR = resources.path("data", "fashion-mnist-sample")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 NAMED_SOURCES = {"fashion-mnist": idx.DEBIAN_DIR, "sample": SAMPLE_DIR}
 

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import torch
 
+from edgemix import resources
 from edgemix.errors import unknown_choice
 from edgemix.models.mixer import PAPER_NAMES, VARIANTS, MixerSpec, MlpMixer, build_model, count_params
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WEIGHTS_DIR = resources.path("weights")
 # Checkpoints that ship with edgemix; used when --weights is not given.
 DEFAULT_WEIGHTS = {"fmnist": WEIGHTS_DIR / "fmnist.pt"}
 

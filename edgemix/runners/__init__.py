@@ -1,8 +1,8 @@
 """Device runners for `edgemix bench`: one protocol (protocol.py), three transports.
 
-    ssh   (Jetson, any Linux device)  edgemix/runners/ssh.py    runs bench/device/edgemix_device_runner.py
+    ssh   (Jetson, any Linux device)  edgemix/runners/ssh.py    runs edgemix/resources/device/edgemix_device_runner.py
     adb   (Android phone)             edgemix/runners/adb.py    runs ExecuTorch's executor_runner
-    local (this host)                 edgemix/runners/local.py  runs bench/device/edgemix_device_runner.py
+    local (this host)                 edgemix/runners/local.py  runs edgemix/resources/device/edgemix_device_runner.py
 
 `bench()` picks the transport from the target profile's ``runner.kind``, runs the protocol and
 merges the BenchResult into the artifact's report.json under ``bench``. Imports are light: the

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from edgemix import resources
 from edgemix.errors import DeviceError, UsageError
 from edgemix.fileutil import file_sha256
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEVICE_SCRIPT = REPO_ROOT / "bench" / "device" / "edgemix_device_runner.py"
+DEVICE_SCRIPT = resources.path("device", "edgemix_device_runner.py")
 RESULT_MARK = "EDGEMIX_BENCH_RESULT "
 ERROR_MARK = "EDGEMIX_BENCH_ERROR "
 SCHEMA_VERSION = 1
@@ -326,7 +326,7 @@ def copy_file(ops, local: Path, remote_dir: str, name: str, sha256: str) -> Copy
 # ---------------------------------------------------------------- the device script's answer
 
 def device_args(art: Artifact, settings: Settings, model: str, reference: str | None, cache_dir: str) -> list[str]:
-    """Command-line arguments of bench/device/edgemix_device_runner.py for this artifact."""
+    """Command-line arguments of edgemix/resources/device/edgemix_device_runner.py for this artifact."""
     args = ["--model", model, "--batch-sizes", ",".join(map(str, art.batch_sizes(settings.batch_sizes))),
             "--warmup", str(settings.warmup), "--iterations", str(settings.iterations),
             "--threads", str(settings.threads), "--cache-dir", cache_dir, "--precision", settings.precision,

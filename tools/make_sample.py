@@ -1,6 +1,6 @@
-"""Regenerate the Fashion-MNIST sample that ships in calib/data/ (needs dataset-fashion-mnist).
+"""Regenerate the Fashion-MNIST sample that ships in edgemix/resources/data/ (needs dataset-fashion-mnist).
 
-    python calib/make_sample.py        # 1,000 test + 2,000 train images, stratified, seed 0
+    .venv/bin/python tools/make_sample.py        # 1,000 test + 2,000 train images, stratified, seed 0
 """
 
 from pathlib import Path
