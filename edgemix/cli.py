@@ -197,7 +197,8 @@ def eval_cmd(
 ):
     """Evaluate the FP32 reference: top-1, per-class accuracy, reference logits."""
     _set_quiet(quiet or as_json)
-    from edgemix.verify.reference import check_reference_path, evaluate, save_reference
+    from edgemix import api
+    from edgemix.verify.reference import check_reference_path, save_reference
 
     if split not in ("train", "test"):
         from edgemix.errors import unknown_choice
@@ -205,8 +206,9 @@ def eval_cmd(
         raise unknown_choice("split", split, ["train", "test"])
     if save_logits is not None:
         check_reference_path(save_logits)  # refuse someone else's file before the model runs
-    result, logits = evaluate(model, weights, data, split=split, limit=limit, batch_size=batch_size,
-                              image_size=image_size, num_classes=num_classes, device=device)
+    evaluated = api.evaluate(model, data, weights=weights, split=split, limit=limit, batch_size=batch_size,
+                             image_size=image_size, num_classes=num_classes, device=device)
+    result, logits = evaluated.result, evaluated.logits
     if save_logits is not None:
         save_reference(save_logits, result, logits)
     if as_json:
@@ -224,12 +226,6 @@ def eval_cmd(
     c.print(t)
     if save_logits is not None:
         c.print(f"reference logits: {save_logits}")
-
-
-def _default_train_data() -> str:
-    from edgemix.data.idx import DEBIAN_DIR
-
-    return "fashion-mnist" if DEBIAN_DIR.is_dir() else "sample"
 
 
 @app.command("build")
@@ -260,7 +256,7 @@ def build_cmd(
                                         help="Build a model without trained weights (latency/size work only)."),
     compare_fp32: bool = typer.Option(True, "--compare-fp32/--no-compare-fp32",
                                       help="Also build the FP32 artifact and check that INT8 is faster."),
-    isa_check: bool = typer.Option(True, "--isa-check/--no-isa-check",
+    isa_check: Optional[bool] = typer.Option(None, "--isa-check/--no-isa-check",
                                    help="Phone targets: also verify on arm64 kernels under qemu (the profile's CPUs)."),
     fallback: bool = typer.Option(False, "--fallback",
                                   help="Jetson: keep the most drift-sensitive layers in FP32 until the budget is met."),
@@ -274,41 +270,26 @@ def build_cmd(
     verbose: bool = VerboseOpt,
 ):
     """Quantize, lower and verify a model for a target; writes artifacts/{model}_{target}_{precision}/."""
-    _set_quiet(quiet)
-    from edgemix.config import build_config, resolve_target
-    from edgemix.models import resolve_spec
-    from edgemix.pipeline import build, default_out
+    from edgemix import api
+    from edgemix.errors import UsageError
 
-    spec = resolve_spec(model, image_size, num_classes)  # unknown model: fail before anything else
-    profile = resolve_target(target)
-    prec = precision or profile.default_precision
     options = {}
     for item in backend_option:
         if "=" not in item:
-            from edgemix.errors import UsageError
-
             raise UsageError(f"--backend-option '{item}' is not KEY=VALUE")
         key, value = item.split("=", 1)
         options[key.strip()] = value.strip()
-    cfg = build_config(
-        backend_options=options, fallback=fallback,
-        model=spec.name, target=target, precision=prec, weights=str(weights) if weights else None,
+    result = api.build(
+        model, target, weights=weights, precision=precision, calib=calib, eval_data=eval_data,
+        train_data=train_data, out=out, quiet=quiet, verbose=verbose, backend_options=options, fallback=fallback,
         random_weights=random_weights, image_size=image_size, num_classes=num_classes, reset_head=reset_head,
-        calib=calib, qat_epochs=qat_epochs, train_data=train_data or _default_train_data(), qat_lr=qat_lr,
-        eval_data=eval_data, eval_limit=eval_limit, threads=threads, latency_runs=latency_runs,
-        latency_seconds=latency_seconds,
-        compare_fp32=compare_fp32, isa_check=isa_check, out=str(out or default_out(spec.name, profile, prec, qat_epochs > 0)),
-        force=force, cache=cache,
-    )
-    from edgemix.console import capture_noise
-
-    with capture_noise(verbose):
-        report = build(cfg)
-    d = report["drift"]
+        qat_epochs=qat_epochs, qat_lr=qat_lr, eval_limit=eval_limit, threads=threads, latency_runs=latency_runs,
+        latency_seconds=latency_seconds, compare_fp32=compare_fp32, isa_check=isa_check, force=force, cache=cache)
+    report, d = result.report, result.drift
     typer.echo(f"{report['model']} -> {report['target']} {report['precision']}: top-1 "
-               f"{100 * report['reference']['top1']:.2f}% (FP32) -> {100 * report['deployed']['top1']:.2f}% "
-               f"({d['top1_delta']:+.2f} pts, {d['samples']} images), agreement {100 * d['agreement']:.2f}%, "
-               f"p50 {report['latency_ms']['p50']:.2f} ms; {report['artifact']['dir']}")
+               f"{100 * d.reference_top1:.2f}% (FP32) -> {100 * d.deployed_top1:.2f}% "
+               f"({d.top1_delta:+.2f} pts, {d.samples} images), agreement {100 * d.agreement:.2f}%, "
+               f"p50 {result.latency.p50_ms:.2f} ms; {result.out}")
 
 
 @app.command("gate")
@@ -330,32 +311,22 @@ def gate_cmd(
                                          help="Rewrite --baseline from this report (atomically) after checking."),
 ):
     """Exit 0 when every check passes, 1 when any fails, 2 for usage errors."""
-    from edgemix.errors import GateFailed, UsageError
-    from edgemix.verify import gate as g
+    from edgemix import api
+    from edgemix.errors import GateFailed
 
-    report, file = g.read_report(artifact)
-    if update_baseline and baseline is None:
-        raise UsageError("--update-baseline needs --baseline FILE (where to write it)")
-    g.check_output_paths(junit, baseline, update_baseline)
-    base = g.read_baseline(baseline) if baseline is not None and not update_baseline else None
-    if base is None and baseline is not None and update_baseline and baseline.is_file():
-        base = g.read_baseline(baseline)
-    checks = g.run_checks(report, base, max_top1_drop, min_agreement, max_latency_ratio, min_cosine, latency_basis)
-    if junit is not None:
-        g.write_junit(junit, checks,
-                      f"{g.JUNIT_SUITE_PREFIX}{report['model']}_{report.get('target_alias', report['target'])}")
-    for c in checks:
+    result = api.gate(artifact, baseline, max_top1_drop=max_top1_drop, min_agreement=min_agreement,
+                      min_cosine=min_cosine, max_latency_ratio=max_latency_ratio, latency_basis=latency_basis,
+                      junit=junit, update_baseline=update_baseline)
+    for c in result.checks:
         status = "PASS" if c.passed else "FAIL"
         base_txt = f", baseline {c.baseline}" if c.baseline is not None else ""
         typer.echo(f"{status}  {c.name}: {c.value} (budget {c.budget}{base_txt}) - {c.detail}")
-    failed = [c for c in checks if not c.passed]
     if update_baseline:
-        g.update_baseline(baseline, report)
         typer.echo(f"baseline written: {baseline}")
-    if failed:
-        raise GateFailed(f"gate failed for {file}: {len(failed)} of {len(checks)} checks failed "
-                         f"({', '.join(c.name for c in failed)})")
-    typer.echo(f"gate passed: {len(checks)} checks")
+    if result.failed:
+        raise GateFailed(f"gate failed for {result.report_file}: {len(result.failed)} of {len(result.checks)} checks "
+                         f"failed ({', '.join(c.name for c in result.failed)})")
+    typer.echo(f"gate passed: {len(result.checks)} checks")
 
 
 @app.command("report")
@@ -414,7 +385,8 @@ def bench_cmd(
     """Run a built artifact on the device: latency per batch size and on-device drift, merged into report.json."""
     _set_quiet(quiet)
     from edgemix.config import resolve_target
-    from edgemix.runners import bench, render
+    from edgemix import api
+    from edgemix.runners import render
 
     if artifact is None:
         from edgemix.models import resolve_spec
@@ -425,7 +397,7 @@ def bench_cmd(
     from edgemix.console import capture_noise
 
     with capture_noise(verbose):
-        result = bench(target, artifact, host=host, port=port, identity=identity, python=python,
+        result = api.bench(artifact, target, host=host, port=port, identity=identity, python=python,
                        known_hosts=known_hosts, serial=serial, runner_path=runner_path, warmup=warmup,
                        iterations=iterations, threads=threads, timeout_s=timeout, remote_dir=remote_dir, merge=merge)
     if as_json:

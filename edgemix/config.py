@@ -230,7 +230,7 @@ class BuildConfig(_Strict):
     latency_seconds: float = Field(2.0, ge=0)  # keep timing rounds past latency_runs until this much time
     threads: int | None = Field(None, ge=1)
     compare_fp32: bool = True
-    isa_check: bool = True
+    isa_check: bool | None = None  # None: on for targets with arm64 CPU profiles (phones), off elsewhere
     fallback: bool = False
     cache: bool = True  # reuse the FP32 reference logits and FP32 comparison artifact (edgemix.cache)
     out: str

@@ -14,6 +14,17 @@ def set_quiet(value: bool) -> None:
     _quiet = value
 
 
+@contextmanager
+def quieted(value: bool):
+    """--quiet for the work in this block only (the Python API must not change it for the caller)."""
+    global _quiet
+    before, _quiet = _quiet, value
+    try:
+        yield
+    finally:
+        _quiet = before
+
+
 def quiet() -> bool:
     return _quiet or os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

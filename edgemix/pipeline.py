@@ -11,7 +11,6 @@ the swap survive a kill.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -21,17 +20,14 @@ import numpy as np
 import torch
 
 from edgemix import cache, console, outdir
-from edgemix.backends.base import BuildJob, batched_predict, get_backend
-from edgemix.config import ALIASES, BuildConfig, resolve_recipe, resolve_target, write_resolved_toml
-from edgemix.data import check_labels, load_dataset, stratified_indices, to_model_input
-from edgemix.errors import UsageError
+from edgemix.backends.base import BuildJob, batched_predict
+from edgemix.config import ALIASES, BuildConfig, write_resolved_toml
+from edgemix.context import BuildContext, BuildInputs, load_inputs, resolve, tensor_sha256
+from edgemix.data import ImageSet, to_model_input
 from edgemix.verify import report as rep
 from edgemix.verify.drift import drift_metrics
 from edgemix.verify.latency import measure_interleaved, summarize
 from edgemix.verify.reference import cached_reference_logits, pick_device
-
-REPORT_FILES = ("report.json", "report.md", "config.resolved.toml")
-
 
 def target_label(target) -> str:
     short = {v: k for k, v in ALIASES.items()}
@@ -40,10 +36,6 @@ def target_label(target) -> str:
 
 def default_out(model: str, target, precision: str, qat: bool) -> Path:
     return Path("artifacts") / f"{model}_{target_label(target)}_{precision}{'-qat' if qat else ''}"
-
-
-def tensor_sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
 
 
 def file_record(path: Path) -> dict:
@@ -76,73 +68,42 @@ def paired_speed_test(fast: list[float], slow: list[float]) -> dict:
             "paired_rounds": n, "int8_wins": wins, "sign_test_p": p_value}
 
 
-def _fingerprint(parts: dict) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-def build(cfg: BuildConfig) -> dict:
+def build(cfg: BuildConfig, module: torch.nn.Module | None = None, calib_data: ImageSet | None = None,
+          eval_data: ImageSet | None = None, train_data: ImageSet | None = None) -> dict:
+    """Run one build; returns its report. ``module`` (a user's model with a spec) and the ImageSets
+    replace the zoo model and the named data sources of ``cfg`` when given (the Python API)."""
     if cfg.cache:
-        return _build(cfg)
+        return _build(cfg, module, calib_data, eval_data, train_data)
     with cache.disabled():  # --no-cache: no entry of any kind is read or written (runners included)
-        return _build(cfg)
+        return _build(cfg, module, calib_data, eval_data, train_data)
 
 
-def _build(cfg: BuildConfig) -> dict:
+def _build(cfg: BuildConfig, module, calib_data, eval_data, train_data) -> dict:
     t_start = time.perf_counter()
     stages = Stages()
-    # ---------------------------------------------------------------- resolve, fail fast
-    target = resolve_target(cfg.target)
-    backend = get_backend(target.backend)
-    backend.check_request(target, cfg.precision, cfg.qat_epochs)
-    if cfg.isa_check and target.backend == "executorch" and target.executorch.isa_profiles:
-        from edgemix import native
-
-        for arch in {native.host_arch(), "aarch64"}:
-            native.check_toolchain(arch)  # a missing cross compiler or qemu fails before any work
-    recipe = resolve_recipe(cfg.calib)
+    ctx = resolve(cfg)  # every request the build cannot honour fails here, before any work
+    out = ctx.out
     # Claimed before the model and data load: a destination that is not ours, or one another build
     # is writing, is refused at once; held until the new build is in place, so that the up-to-date
     # check and the swap see the folder no other build can be changing.
-    out = outdir.final_path(cfg.out)
     with outdir.claim(out):
-        from edgemix.models import load_model
-
-        model, weights = load_model(cfg.model, cfg.weights, img_size=cfg.image_size, num_classes=cfg.num_classes,
-                                    reset_head=cfg.reset_head, allow_random=cfg.random_weights)
-        spec = model.spec
-        calib_set = load_dataset(recipe.data, recipe.split)
-        calib_set = calib_set.subset(stratified_indices(calib_set.labels, recipe.images, recipe.seed))
-        eval_set = load_dataset(cfg.eval_data, cfg.eval_split)
-        if cfg.eval_limit:
-            eval_set = eval_set.subset(stratified_indices(eval_set.labels, cfg.eval_limit, 0))
-        check_labels(eval_set, spec.num_classes, cfg.eval_data)
-        train_set = load_dataset(cfg.train_data, "train") if cfg.qat_epochs else None
-        if train_set is not None:
-            check_labels(train_set, spec.num_classes, cfg.train_data)
-        threads = cfg.threads or target.threads
-        torch.set_num_threads(threads)
-        calib_inputs = to_model_input(calib_set.images, spec)
-        fingerprint = _fingerprint({
-            "weights": weights["sha256"], "calib": tensor_sha256(calib_set.images), "recipe": recipe.model_dump(),
-            "target": target.model_dump(), "config": cfg.model_dump(exclude={"force", "out", "cache"}),
-            "versions": rep.library_versions(), "eval": tensor_sha256(eval_set.images),
-        })
+        inp = load_inputs(ctx, module, calib_data, eval_data, train_data)
+        torch.set_num_threads(ctx.threads)
         if not cfg.force and (out / "report.json").is_file():
             try:
                 old = json.loads((out / "report.json").read_text())
             except (OSError, ValueError):
                 old = {}
-            if old.get("provenance", {}).get("fingerprint") == fingerprint:
-                console.info(f"{out} is up to date (fingerprint {fingerprint[:12]}); pass --force to rebuild")
+            if old.get("provenance", {}).get("fingerprint") == inp.fingerprint:
+                console.info(f"{out} is up to date (fingerprint {inp.fingerprint[:12]}); pass --force to rebuild")
                 return old
 
         stage_dir = outdir.staging_path(out)
         shutil.rmtree(stage_dir, ignore_errors=True)
         stage_dir.mkdir()
         try:
-            report = _build_in(stage_dir, cfg, target, backend, recipe, model, spec, weights, calib_set,
-                               calib_inputs, eval_set, train_set, threads, stages, fingerprint)
-            write_resolved_toml(stage_dir / "config.resolved.toml", cfg, target, recipe)
+            report = _build_in(stage_dir, ctx, inp, stages)
+            write_resolved_toml(stage_dir / "config.resolved.toml", cfg, ctx.target, ctx.recipe)
             report["stages"] = stages.rows
             report["build_seconds"] = round(time.perf_counter() - t_start, 2)
             report["artifact"]["dir"] = str(out)
@@ -163,18 +124,18 @@ def isa_image_count(settings, spec, available: int) -> int:
     return max(1, min(settings.isa_eval_images, available, by_budget))
 
 
-def _isa_drift(cfg, target, spec, artifact, eval_inputs, ref_logits, labels, stages) -> dict | None:
+def _isa_drift(ctx: BuildContext, spec, artifact, eval_inputs, ref_logits, labels, stages) -> dict | None:
     """Drift of the written .pte on the phone's instruction set: the native runner on arm64 kernels
     under qemu, one run per CPU profile of the target, plus the same runner natively on this host.
     Profiles whose emulated matrix instructions fail the runner's self-test are reported as
     untrusted (their figures measure the emulator) and the gate ignores them."""
-    profiles = target.executorch.isa_profiles if target.backend == "executorch" else []
-    if not (cfg.isa_check and profiles):
+    if not ctx.isa:
         return None
     from edgemix import native
 
     t = time.perf_counter()
-    settings = target.executorch
+    settings = ctx.target.executorch
+    profiles = settings.isa_profiles
     n = isa_image_count(settings, spec, len(eval_inputs))
     x, ref, lab = eval_inputs[:n].numpy(), ref_logits[:n], labels[:n]
     rows = []
@@ -198,8 +159,6 @@ def _isa_drift(cfg, target, spec, artifact, eval_inputs, ref_logits, labels, sta
 def _accuracy_fallback(backend, job, artifact, model, eval_inputs, ref_logits, labels, target, threads, stages):
     """Rank the quantized layers by the drift each causes alone, keep the most sensitive ones in FP32
     until the target's drift budget is met on the evaluation set, and rebuild with them excluded."""
-    if target.backend != "tensorrt":
-        raise UsageError(f"--fallback works on the QDQ ONNX of tensorrt targets; {target.name} uses {target.backend}")
     from edgemix.quant.sensitivity import plan_fallback
 
     t = time.perf_counter()
@@ -256,8 +215,9 @@ def _fp32_artifact(backend, model, spec, target, recipe, calib_inputs, fp32_dir:
     return artifact, False
 
 
-def _build_in(stage_dir, cfg, target, backend, recipe, model, spec, weights, calib_set, calib_inputs, eval_set,
-              train_set, threads, stages, fingerprint) -> dict:
+def _build_in(stage_dir: Path, ctx: BuildContext, inp: BuildInputs, stages: Stages) -> dict:
+    cfg, target, backend, recipe, threads = ctx.cfg, ctx.target, ctx.backend, ctx.recipe, ctx.threads
+    model, spec, weights, calib_set, eval_set = inp.model, inp.spec, inp.weights, inp.calib_set, inp.eval_set
     # ---------------------------------------------------------------- FP32 reference
     t = time.perf_counter()
     ref_device = pick_device(cfg.reference_device)
@@ -275,8 +235,8 @@ def _build_in(stage_dir, cfg, target, backend, recipe, model, spec, weights, cal
 
     basename = f"{spec.name}_{target_label(target)}_{cfg.precision}"
     job = BuildJob(
-        model=model, spec=spec, target=target, precision=cfg.precision, recipe=recipe, calib_inputs=calib_inputs,
-        stage_dir=stage_dir, basename=basename, qat_epochs=cfg.qat_epochs, train_set=train_set,
+        model=model, spec=spec, target=target, precision=cfg.precision, recipe=recipe, calib_inputs=inp.calib_inputs,
+        stage_dir=stage_dir, basename=basename, qat_epochs=cfg.qat_epochs, train_set=inp.train_set,
         # QAT fine-tunes a converged model to absorb rounding: plain data, no label smoothing or decay,
         # which would pull it away from the FP32 optimum it is meant to stay near
         train_config=TrainConfig(epochs=cfg.qat_epochs or 1.0, batch_size=cfg.qat_batch_size, lr=cfg.qat_lr,
@@ -310,7 +270,7 @@ def _build_in(stage_dir, cfg, target, backend, recipe, model, spec, weights, cal
     paths = {"deployed": predictor}
     fp32_artifact = fp32_cached = None
     if cfg.compare_fp32 and cfg.precision == "int8":
-        fp32_artifact, fp32_cached = _fp32_artifact(backend, model, spec, target, recipe, calib_inputs,
+        fp32_artifact, fp32_cached = _fp32_artifact(backend, model, spec, target, recipe, inp.calib_inputs,
                                                     stage_dir / "fp32-comparison", cfg, model_key)
         paths["fp32"] = backend.load_predictor(fp32_artifact, threads)
     samples = measure_interleaved(paths, x, cfg.latency_warmup, cfg.latency_runs, cfg.latency_seconds)
@@ -335,7 +295,7 @@ def _build_in(stage_dir, cfg, target, backend, recipe, model, spec, weights, cal
                       + (f"; {comparison['latency_ratio']:.2f}x the FP32 artifact" if comparison else ""),
            time.perf_counter() - t)
 
-    isa = _isa_drift(cfg, target, spec, artifact, eval_inputs, ref_logits, labels, stages)
+    isa = _isa_drift(ctx, spec, artifact, eval_inputs, ref_logits, labels, stages)
     files = {role: file_record(p) for role, p in artifact.files.items()}
     meta = rep.build_metadata()
     return {
@@ -359,7 +319,7 @@ def _build_in(stage_dir, cfg, target, backend, recipe, model, spec, weights, cal
         "budget": target.budget.model_dump(),
         "details": artifact.details,
         "provenance": {
-            "fingerprint": fingerprint, "weights": weights["path"], "weights_format": weights["format"],
+            "fingerprint": inp.fingerprint, "weights": weights["path"], "weights_format": weights["format"],
             "weights_sha256": weights["sha256"], "calibration_sha256": tensor_sha256(calib_set.images),
             "calibration_images": len(calib_set), "recipe": recipe.model_dump(), **meta,
         },

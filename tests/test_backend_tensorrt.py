@@ -231,11 +231,23 @@ def test_fp16_build_is_plain_fp32_onnx(fmnist, data, tmp_path):
 def test_backend_options():
     from edgemix.backends.tensorrt import qdq_settings
 
-    s = qdq_settings({"keep_fp32": "head, blocks.0.mlp_tokens.fc2", "smooth_quant": "0.5", "bias_correction": "true"})
+    backend = get_backend("tensorrt")
+    s = qdq_settings(backend.parse_options({"keep_fp32": "head, blocks.0.mlp_tokens.fc2", "smooth_quant": "0.5",
+                                            "bias_correction": "true"}))
     assert s.keep_fp32 == ("head", "blocks.0.mlp_tokens.fc2") and s.smooth_quant == 0.5 and s.bias_correction
-    assert qdq_settings({}) == qdq.QDQSettings()
-    with pytest.raises(UsageError, match="keep_fp32"):
-        qdq_settings({"keep_fp23": ["head"]})
+    assert qdq_settings(backend.parse_options({})) == qdq.QDQSettings()
+    assert backend.parse_options({"keep_fp32": ["head"], "bias_correction": True}).keep_fp32 == ("head",)
+    with pytest.raises(UsageError, match="did you mean 'keep_fp32'"):
+        backend.parse_options({"keep_fp23": ["head"]})
+    with pytest.raises(UsageError, match="smooth_quant='2'.*less than or equal to 1"):
+        backend.parse_options({"smooth_quant": "2"})
+    # one boolean rule for every backend: the same strings mean the same thing
+    et = get_backend("executorch")
+    for text, value in (("true", True), ("on", True), ("1", True), ("no", False), ("off", False)):
+        assert backend.parse_options({"bias_correction": text}).bias_correction is value
+        assert et.parse_options({"patch_linear": text}).patch_linear is value
+    with pytest.raises(UsageError, match="patch_linear='maybe'"):
+        et.parse_options({"patch_linear": "maybe"})
 
 
 def test_request_checks():
@@ -502,3 +514,30 @@ def test_s16_qdq_build_time_check_and_speed(tmp_path):
             times[k].append(time.perf_counter() - t)
     med = {k: float(np.median(v)) for k, v in times.items()}
     assert med["int8"] < med["fp32"], med
+
+
+def test_build_and_device_script_share_one_onnxruntime_session(tmp_path, monkeypatch):
+    """The host build, `edgemix bench` and the device script open onnxruntime through one function
+    (the device script's, which runs without edgemix): a static QDQ model benched on a device runs
+    the same integer GEMMs the build verified, not the float-GEMM graph MatMulAddFusion makes."""
+    from edgemix.backends.tensorrt import ort_session
+    from edgemix.resources import device_script
+
+    path = tmp_path / "tiny.onnx"
+    torch.onnx.export(torch.nn.Linear(4, 3), (torch.zeros(1, 4),), str(path), dynamo=False)
+    dev = device_script()
+    calls, real = [], dev.ort_session
+    monkeypatch.setattr(dev, "ort_session", lambda *a, **k: calls.append(k) or real(*a, **k))
+    ort_session(path, 1)  # the build's
+    dev.OrtRuntime(str(path), 1, qdq=True)  # the device's, for an INT8 (QDQ) artifact
+    assert [c["qdq"] for c in calls] == [False, True]
+    so_seen = {}
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "InferenceSession",
+                        lambda model, so, providers=None, disabled_optimizers=None:
+                        so_seen.update(spin=so.get_session_config_entry("session.intra_op.allow_spinning"),
+                                       level=so.graph_optimization_level, disabled=disabled_optimizers))
+    real(ort, str(path), 2, qdq=True)
+    assert so_seen == {"spin": "0", "level": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                       "disabled": ["MatMulAddFusion"]}

@@ -58,3 +58,10 @@ def test_a_user_error_does_not_replay_noise(capfd):
     os.write(1, b"after\n")
     sys.stdout.flush()
     assert capfd.readouterr().out == "after\n"
+
+
+def test_quiet_for_one_block_only(capfd):
+    with console.quieted(True):
+        console.info("hidden")
+    console.info("shown")
+    assert capfd.readouterr().out == "shown\n"

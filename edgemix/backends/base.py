@@ -17,6 +17,8 @@ from typing import Callable, ClassVar, Protocol
 import numpy as np
 import torch
 
+from pydantic import BaseModel, ValidationError
+
 from edgemix.errors import UsageError, unknown_choice
 
 
@@ -61,7 +63,24 @@ class Backend:
     precisions: ClassVar[tuple[str, ...]]
     supports_qat: ClassVar[bool]
     supports_dynamic_batch: ClassVar[bool]
+    supports_fallback: ClassVar[bool] = False  # per-layer FP32 fallback to meet a drift budget
     artifact_suffix: ClassVar[str]
+    options_model: ClassVar[type[BaseModel]]  # the typed --backend-option KEY=VALUE switches
+
+    def parse_options(self, options: dict) -> BaseModel:
+        """``--backend-option`` strings or typed values -> this backend's options model; an unknown
+        key names the closest one, a bad value says what the option takes."""
+        fields = self.options_model.model_fields
+        for key in options:
+            if key not in fields:
+                raise unknown_choice(f"{self.name} backend option", key, fields)
+        try:
+            return self.options_model.model_validate(options)
+        except ValidationError as e:
+            err = e.errors()[0]
+            key = ".".join(map(str, err["loc"])) or "?"
+            raise UsageError(f"{self.name} backend option {key}={options.get(key)!r}: {err['msg']}",
+                             hint=f"{key}: {fields[key].description}" if key in fields else None) from None
 
     def check_request(self, target, precision: str, qat_epochs: float) -> None:
         """Reject what this backend cannot do, before any work starts."""
@@ -108,11 +127,10 @@ def batched_predict(predictor: Predictor, x: np.ndarray) -> np.ndarray:
     b = predictor.batch_size
     if predictor.dynamic_batch:
         return np.concatenate([predictor(x[i:i + b]) for i in range(0, len(x), b)])
+    from edgemix.batching import pad_to_batch
+
     outs = []
     for i in range(0, len(x), b):
         chunk = x[i:i + b]
-        n = len(chunk)
-        if n < b:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])
-        outs.append(predictor(np.ascontiguousarray(chunk))[:n])
+        outs.append(predictor(np.ascontiguousarray(pad_to_batch(chunk, b)))[:len(chunk)])
     return np.concatenate(outs)

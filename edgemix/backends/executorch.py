@@ -35,7 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgemix.backends.base import Backend, BuildJob, BuiltArtifact, register
-from edgemix.errors import ToolchainError, UsageError, unknown_choice
+from pydantic import BaseModel, ConfigDict, Field
+
+from edgemix.errors import ToolchainError, UsageError
 from edgemix.models.mixer import MlpMixer, fold_layernorm_affine
 
 # ------------------------------------------------------------------------- export-time rewrite
@@ -291,11 +293,14 @@ class ExecuTorchPredictor:
 
 # --------------------------------------------------------------------------------------- backend
 
-OPTIONS = {  # BuildJob.options this backend understands
-    "decompose_layernorm": "write LayerNorm with ops XNNPACK delegates, so the Mixer is one delegate "
-                           "(default true; false keeps ATen's native_layer_norm on the portable CPU kernel)",
-    "patch_linear": "write the patch-embedding Conv as patchify + Linear (default true)",
-}
+class ExecuTorchOptions(BaseModel):
+    """``--backend-option`` switches of this backend (pydantic's booleans: true/false, 1/0, yes/no, on/off)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    decompose_layernorm: bool = Field(True, description="write LayerNorm with ops XNNPACK delegates, so the "
+                                      "Mixer is one delegate (false keeps ATen's native_layer_norm on the "
+                                      "portable CPU kernel)")
+    patch_linear: bool = Field(True, description="write the patch-embedding Conv as patchify + Linear")
 
 
 @register
@@ -305,6 +310,7 @@ class ExecuTorchBackend(Backend):
     supports_qat = True
     supports_dynamic_batch = False  # fixed batch: the XNNPACK plan is built once for one shape
     artifact_suffix = ".pte"
+    options_model = ExecuTorchOptions
 
     def build(self, job: BuildJob) -> BuiltArtifact:
         self.check_request(job.target, job.precision, job.qat_epochs)
@@ -316,14 +322,11 @@ class ExecuTorchBackend(Backend):
         except ImportError as e:
             raise ToolchainError(f"the ExecuTorch toolchain cannot be imported ({e})",
                                  hint="pip install executorch==1.5.1 torchao==0.18.0") from None
-        for key in job.options:
-            if key not in OPTIONS:
-                raise unknown_choice("executorch backend option", key, OPTIONS)
+        opts = self.parse_options(job.options)
         batch = job.target.export_batch
         bundle_x, bundle_y = _bundle_data(job, batch)  # bad bundle data fails before any work
-        decompose = _flag(job.options.get("decompose_layernorm", True), "decompose_layernorm")
-        model, rewrite = export_view(job.model, decompose,
-                                     _flag(job.options.get("patch_linear", True), "patch_linear"))
+        decompose = opts.decompose_layernorm
+        model, rewrite = export_view(job.model, decompose, opts.patch_linear)
         float_modules = (XnnpackLayerNorm,) if decompose else ()
         example = _example_input(job, batch)
 
@@ -435,14 +438,6 @@ def profile_ops(pte: str | Path, x: np.ndarray, threads: int, runs: int = 30, wa
     return {"total_ms": total, "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]["ms"]))}
 
 
-def _flag(value, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if str(value).lower() in ("true", "1", "yes", "false", "0", "no"):
-        return str(value).lower() in ("true", "1", "yes")
-    raise UsageError(f"executorch backend option {name} must be true or false, got {value!r}")
-
-
 def _example_input(job: BuildJob, batch: int) -> torch.Tensor:
     spec = job.spec
     if job.calib_inputs is not None and len(job.calib_inputs) >= batch:
@@ -475,12 +470,11 @@ def _write_artifacts(program, pte: Path, bpte: Path, x: torch.Tensor, y: torch.T
     from executorch.devtools.bundled_program import serialize
     from executorch.devtools.bundled_program.config import MethodTestCase, MethodTestSuite
 
+    from edgemix.batching import pad_to_batch
+
     cases = []
-    for i in range(0, len(x), batch):  # the program takes whole batches: pad with the last image
-        xb, yb = x[i:i + batch], y[i:i + batch]
-        if len(xb) < batch:
-            pad = batch - len(xb)
-            xb, yb = torch.cat([xb, xb[-1:].expand(pad, *xb.shape[1:])]), torch.cat([yb, yb[-1:].expand(pad, -1)])
+    for i in range(0, len(x), batch):  # the program takes whole batches
+        xb, yb = pad_to_batch(x[i:i + batch], batch), pad_to_batch(y[i:i + batch], batch)
         cases.append(MethodTestCase(inputs=[xb.contiguous()], expected_outputs=[yb.contiguous()]))
     finals = (pte, bpte)
     tmps = [p.with_name(f".{p.name}.tmp") for p in finals]

@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
 import numpy as np
 
 from edgemix.backends.base import Backend, BuildJob, BuiltArtifact, register
@@ -190,31 +192,16 @@ def _has_qdq(model) -> bool:
 
 
 def ort_session(model, threads: int, optimized_model_path: Path | None = None):
-    """The onnxruntime CPU session edgemix times and verifies with.
-
-    ORT_ENABLE_ALL, without which Q/DQ run as float ops. For a QDQ model, also without
-    MatMulAddFusion: on a static-shape graph that level-1 fusion rewrites DQ -> MatMul -> Add into
-    Reshape -> Gemm before the level-2 QDQ selectors run, so every GEMM then runs in float on
-    dequantized weights. Measured (S/16, batch 1 static, 2 threads): 86.7 ms with the fusion, 19.7
-    ms without (32 MatMulIntegerToFloat), FP32 50.0 ms. A dynamic-batch export escapes it either way.
-    """
+    """The onnxruntime CPU session edgemix times and verifies with: the device script's own
+    ``ort_session`` (one table of options for the build, ``edgemix bench`` and the device), told
+    whether the model is QDQ."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # below it, QDQ runs as float
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    # no spin-waiting: this session is timed interleaved with others in one process (INT8 vs
-    # FP32, the bench suite), and a session's spinning pool threads take the cores the next
-    # session needs. S/16, 2 threads, interleaved: INT8 33.2 / FP32 73.5 ms spinning, 17.7 / 43.0
-    # ms without; torch eager beside them 90.6 vs 53.5 ms.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    if optimized_model_path is not None:
-        so.optimized_model_filepath = str(optimized_model_path)
+    from edgemix.resources import device_script
+
     source = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
-    disabled = ["MatMulAddFusion"] if _has_qdq(model) else None
-    return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+    return device_script().ort_session(ort, source, threads, qdq=_has_qdq(model),
+                                       optimized_model_path=optimized_model_path)
 
 
 class OnnxRuntimePredictor:
@@ -233,18 +220,50 @@ class OnnxRuntimePredictor:
         return self.session.run(None, {self.input_name: x})[0]
 
 
+class TensorRTOptions(BaseModel):
+    """``--backend-option`` switches of this backend; values typed, or strings from a command line
+    (pydantic's booleans: true/false, 1/0, yes/no, on/off, as for every backend)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    keep_fp32: tuple[str, ...] = Field((), description="layer names kept in FP32 (comma-separated), e.g. "
+                                       "what --fallback chose")
+    smooth_quant: float | None = Field(None, ge=0, le=1, description="SmoothQuant alpha in [0, 1] (off when unset)")
+    bias_correction: bool = Field(False, description="NNCF's fast bias correction")
+
+    @field_validator("keep_fp32", mode="before")
+    @classmethod
+    def _split(cls, v):
+        return tuple(k.strip() for k in v.split(",") if k.strip()) if isinstance(v, str) else v
+
+    @field_validator("smooth_quant", mode="before")
+    @classmethod
+    def _unset(cls, v):
+        return None if v == "" else v
+
+
+def qdq_settings(options: TensorRTOptions):
+    from edgemix.quant.qdq import QDQSettings
+
+    return QDQSettings(keep_fp32=options.keep_fp32, smooth_quant=options.smooth_quant,
+                       bias_correction=options.bias_correction)
+
+
 @register
 class TensorRTBackend(Backend):
     name = "tensorrt"
     precisions = ("int8", "fp16", "fp32")
     supports_qat = True
     supports_dynamic_batch = True
+    supports_fallback = True
     artifact_suffix = ".onnx"
+    options_model = TensorRTOptions
 
     def build(self, job: BuildJob) -> BuiltArtifact:
         from edgemix.backends import onnx_export
         from edgemix.backends.trt_check import check_tensorrt_compat
         from edgemix.quant import qdq
+
+        opts = self.parse_options(job.options)
 
         target, spec, trt_cfg = job.target, job.spec, job.target.tensorrt
         stage_dir = Path(job.stage_dir)
@@ -254,7 +273,7 @@ class TensorRTBackend(Backend):
         onnx_path = stage_dir / f"{job.basename}{self.artifact_suffix}"
         quant: dict = {"scheme": "fp32 weights and activations (TensorRT builder decides fp16 when asked)"}
         if job.precision == "int8":
-            settings = qdq_settings(job.options)
+            settings = qdq_settings(opts)
             t0 = time.perf_counter()
             qmodel = qdq.quantize_ptq(job.model, job.calib_inputs, job.recipe, settings)
             job.stage("calibrate", f"INT8 ranges from {len(job.calib_inputs)} images ({quant_observer(job)})",
@@ -325,30 +344,6 @@ class TensorRTBackend(Backend):
 
     def load_predictor(self, artifact: BuiltArtifact, threads: int) -> OnnxRuntimePredictor:
         return OnnxRuntimePredictor(artifact.files["model"], threads, artifact.batch_size, artifact.dynamic_batch)
-
-
-OPTIONS = ("keep_fp32", "smooth_quant", "bias_correction")
-
-
-def qdq_settings(options: dict):
-    """BuildJob.options -> QDQSettings; values may be typed or strings (``key=value`` on a command line).
-
-    keep_fp32: layer names (list or comma-separated), e.g. from sensitivity.fallback_to_budget;
-    smooth_quant: SmoothQuant alpha (off when absent); bias_correction: NNCF fast bias correction.
-    """
-    from edgemix.errors import unknown_choice
-    from edgemix.quant.qdq import QDQSettings
-
-    for key in options:
-        if key not in OPTIONS:
-            raise unknown_choice("tensorrt backend option", key, OPTIONS)
-    keep = options.get("keep_fp32", ())
-    keep = [k.strip() for k in keep.split(",") if k.strip()] if isinstance(keep, str) else list(keep)
-    alpha = options.get("smooth_quant")
-    flag = options.get("bias_correction", False)
-    flag = flag.strip().lower() in ("1", "true", "yes", "on") if isinstance(flag, str) else bool(flag)
-    return QDQSettings(keep_fp32=tuple(keep), smooth_quant=None if alpha in (None, "") else float(alpha),
-                       bias_correction=flag)
 
 
 def _float_ops(proto) -> dict[str, int]:

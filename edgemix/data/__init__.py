@@ -26,7 +26,7 @@ NAMED_SOURCES = {"fashion-mnist": idx.DEBIAN_DIR, "sample": SAMPLE_DIR}
 
 @dataclass
 class ImageSet:
-    images: torch.Tensor  # uint8, (N, C, H, W)
+    images: torch.Tensor  # uint8 (N, C, H, W), or float in [0, 1] (given through the Python API)
     labels: torch.Tensor  # int64, (N,)
     classes: list[str]
     source: str
@@ -134,8 +134,9 @@ def stratified_indices(labels: torch.Tensor, n: int | None, seed: int) -> torch.
 
 
 def to_model_input(images: torch.Tensor, spec) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> float, the model's channels and size, normalised with the spec's mean/std."""
-    x = images.float().div_(255.0)
+    """uint8 (N, C, H, W) or float in [0, 1] -> float, the model's channels and size, normalised with
+    the spec's mean/std."""
+    x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
     c = x.shape[1]
     if c != spec.in_chans:
         if spec.in_chans == 3 and c == 1:

@@ -18,6 +18,7 @@ import torch
 from torchao.quantization.pt2e import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver
 
 from edgemix import console
+from edgemix.batching import pad_to_batch
 from edgemix.errors import UsageError
 
 SCHEME = "pt2e-xnnpack symmetric int8, per-channel weights, per-tensor activations"
@@ -198,10 +199,7 @@ def calibrate(prepared, inputs: torch.Tensor, batch_size: int, desc: str = "cali
     steps = math.ceil(n / batch_size)
     with torch.no_grad(), console.progress(desc, steps) as advance:
         for i in range(0, n, batch_size):
-            chunk = inputs[i:i + batch_size]
-            if len(chunk) < batch_size:
-                chunk = torch.cat([chunk, chunk[-1:].expand(batch_size - len(chunk), *chunk.shape[1:])])
-            prepared(chunk)
+            prepared(pad_to_batch(inputs[i:i + batch_size], batch_size))
             advance(1)
     return steps
 

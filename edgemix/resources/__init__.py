@@ -14,6 +14,8 @@ resource is an ordinary path; :func:`path` says so once instead of every caller 
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from importlib import resources
 from pathlib import Path
 
@@ -21,3 +23,14 @@ from pathlib import Path
 def path(*parts: str) -> Path:
     """The file or folder ``parts`` inside edgemix's resources, as a filesystem path."""
     return Path(str(resources.files(__name__).joinpath(*parts)))
+
+
+@functools.cache
+def device_script():
+    """The device-side benchmark script as a module: it runs on devices without edgemix, so what the
+    host shares with it (the onnxruntime session options) is defined there and imported from there."""
+    file = path("device", "edgemix_device_runner.py")
+    spec = importlib.util.spec_from_file_location("edgemix_device_runner", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

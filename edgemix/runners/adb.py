@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgemix.batching import pad_to_batch
 from edgemix.errors import DeviceError, ToolchainError, UsageError
 from edgemix.runners.protocol import Artifact, Runner, Settings, finish_script, parse_probe, probe_script, sha256_file
 
@@ -184,8 +185,7 @@ class AdbRunner(Runner):
             x, b = ref["inputs"].astype("<f4"), art.batch_size
             self.chunks = -(-len(x) // b)
             for i in range(self.chunks):
-                chunk = x[i * b:(i + 1) * b]
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - len(chunk), axis=0)])  # pad a short one
+                chunk = pad_to_batch(x[i * b:(i + 1) * b], b)
                 path = workdir / f"ref_{i:03d}.bin"
                 chunk.tofile(path)
                 files.append((path, f"{art.folder.name}/io/{path.name}", sha256_file(path)))

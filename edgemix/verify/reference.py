@@ -66,8 +66,8 @@ def accuracy_table(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -
     return float((pred == labels).mean()) if len(labels) else 0.0, per_class
 
 
-def evaluation_set(data: str, split: str = "test", limit: int | None = None, seed: int = 0) -> ImageSet:
-    ds = load_dataset(data, split)
+def evaluation_set(data, split: str = "test", limit: int | None = None, seed: int = 0) -> ImageSet:
+    ds = data if isinstance(data, ImageSet) else load_dataset(data, split)
     if limit is not None:
         if limit < 1:
             raise UsageError(f"--limit must be >= 1, got {limit}")
@@ -75,18 +75,24 @@ def evaluation_set(data: str, split: str = "test", limit: int | None = None, see
     return ds
 
 
-def evaluate(model_alias: str, weights, data: str, split: str = "test", limit: int | None = None,
-             batch_size: int = 250, image_size=None, num_classes=None, device: str = "auto"):
-    from edgemix.models import load_model
-
+def evaluate(model_alias: str | None, weights, data, split: str = "test", limit: int | None = None,
+             batch_size: int = 250, image_size=None, num_classes=None, device: str = "auto", module=None):
+    """``data``: a source name, a folder or an ImageSet; ``module``: a model with a spec, used instead
+    of the zoo alias."""
     from edgemix.data import check_labels
+    from edgemix.models import load_model
 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     dev = pick_device(device)
     ds = evaluation_set(data, split, limit)
-    model, prov = load_model(model_alias, weights, img_size=image_size, num_classes=num_classes)
-    check_labels(ds, model.spec.num_classes, data)
+    if module is not None:
+        from edgemix import cache
+
+        model, prov = module, {"path": None, "sha256": cache.model_digest(module)}
+    else:
+        model, prov = load_model(model_alias, weights, img_size=image_size, num_classes=num_classes)
+    check_labels(ds, model.spec.num_classes, ds.source)
     logits = reference_logits(model, ds, model.spec, batch_size, dev)
     labels = ds.labels.numpy()
     top1, per_class = accuracy_table(logits, labels, ds.classes)

@@ -120,17 +120,38 @@ def device_facts(threads):
 
 # ---------------------------------------------------------------- runtimes
 
+def ort_session(ort, model, threads, qdq, providers=None, optimized_model_path=None):
+    """The one onnxruntime session edgemix verifies, times and benchmarks with: the host build (which
+    imports this function from this file) and this script on a device alike.
+
+    ORT_ENABLE_ALL, without which Q/DQ run as float ops. For a QDQ model, also without
+    MatMulAddFusion: on a static-shape graph that level-1 fusion rewrites DQ -> MatMul -> Add into
+    Reshape -> Gemm before the level-2 QDQ selectors run, so every GEMM then runs in float on
+    dequantized weights. Measured (S/16, batch 1 static, 2 threads): 86.7 ms with the fusion, 19.7
+    ms without (32 MatMulIntegerToFloat), FP32 50.0 ms. No spin-waiting: sessions timed interleaved
+    in one process (INT8 vs FP32) lose their cores to each other's spinning pool threads (S/16, 2
+    threads: INT8 33.2 / FP32 73.5 ms spinning, 17.7 / 43.0 ms without).
+    """
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    if optimized_model_path is not None:
+        so.optimized_model_filepath = str(optimized_model_path)
+    return ort.InferenceSession(model, so, providers=providers or ["CPUExecutionProvider"],
+                                disabled_optimizers=["MatMulAddFusion"] if qdq else None)
+
+
 class OrtRuntime:
     name = "onnxruntime"
 
-    def __init__(self, path, threads):
+    def __init__(self, path, threads, qdq):
         import onnxruntime as ort
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # QDQ fuses only here
         avail = ort.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail]
-        self.sess = ort.InferenceSession(path, so, providers=providers)
+        self.sess = ort_session(ort, path, threads, qdq=qdq, providers=providers)
         inp = self.sess.get_inputs()[0]
         self.input_name = inp.name
         self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
@@ -303,7 +324,7 @@ def choose_runtime(args):
         if args.runtime == "tensorrt":
             raise Failure("missing_runtime", "TensorRT was requested but is not installed here")
         try:
-            return OrtRuntime(model, args.threads)
+            return OrtRuntime(model, args.threads, qdq=args.precision == "int8")
         except ImportError:
             raise Failure("missing_runtime", "neither TensorRT nor onnxruntime can run the .onnx here",
                           "install onnxruntime (pip install onnxruntime) or TensorRT") from None
