@@ -1,6 +1,6 @@
 """A content-addressed cache for the one-time costs of a build, and the one cache root of edgemix:
 the native runners (``runners/``), the ExecuTorch SDKs they are built against (``sdk/``) and the
-wheels those come from (``wheels/``) live under it too (edgemix.native).
+wheels those come from (``wheels/``) live under it too (edgemix.backends.executorch.native).
 
 Two results depend only on what goes in, not on the INT8 work a build does, and cost more than
 half of an S/16 build at 224 px on a 2-core host when recomputed each time:

@@ -48,16 +48,13 @@ def resolve(cfg: BuildConfig) -> BuildContext:
                              f"{target.name} uses {target.backend}, which has no per-layer fallback")
         if cfg.precision != "int8":
             raise UsageError(f"--fallback keeps some layers of an INT8 build in FP32; this build is {cfg.precision}")
-    profiles = target.executorch.isa_profiles if target.backend == "executorch" and target.executorch else []
+    profiles = backend.isa_profiles(target)
     if cfg.isa_check and not profiles:
         raise UsageError(f"--isa-check runs the .pte on the arm64 CPU profiles of a phone target; target "
                          f"{target.name} has none", hint="leave --isa-check out for this target")
     isa = bool(profiles) and cfg.isa_check is not False
     if isa:
-        from edgemix import native
-
-        for arch in {native.host_arch(), "aarch64"}:
-            native.check_toolchain(arch)  # a missing cross compiler or qemu fails before any work
+        backend.check_isa_toolchain()
     return BuildContext(cfg=cfg, target=target, backend=backend, options=options, recipe=resolve_recipe(cfg.calib),
                         out=outdir.final_path(cfg.out), threads=cfg.threads or target.threads, isa=isa)
 

@@ -125,49 +125,25 @@ def isa_image_count(settings, spec, available: int) -> int:
 
 
 def _isa_drift(ctx: BuildContext, spec, artifact, eval_inputs, ref_logits, labels, stages) -> dict | None:
-    """Drift of the written .pte on the phone's instruction set: the native runner on arm64 kernels
-    under qemu, one run per CPU profile of the target, plus the same runner natively on this host.
-    Profiles whose emulated matrix instructions fail the runner's self-test are reported as
-    untrusted (their figures measure the emulator) and the gate ignores them."""
+    """Drift of the written artifact on the target's other instruction sets (the phone's arm64 CPU
+    profiles), on as many images as the profile's GMAC budget allows."""
     if not ctx.isa:
         return None
-    from edgemix import native
-
     t = time.perf_counter()
     settings = ctx.target.executorch
-    profiles = settings.isa_profiles
     n = isa_image_count(settings, spec, len(eval_inputs))
-    x, ref, lab = eval_inputs[:n].numpy(), ref_logits[:n], labels[:n]
-    rows = []
-    host_out, host_run = native.run_pte(artifact.files["model"], x, arch=native.host_arch())
-    runs = {(native.host_arch(), None): (host_out, host_run, True, "native run: nothing is emulated")}
-    for cpu, pr in native.run_profiles(artifact.files["model"], x, profiles).items():
-        runs[("aarch64", cpu)] = (pr.outputs, pr.run, pr.trust.trusted, pr.trust.reason)
-    for (arch, cpu), (out, run, trusted, reason) in runs.items():
-        d = drift_metrics(ref, out, lab)
-        rows.append({"arch": arch, "cpu": cpu or "native", "emulated": run.emulated, "trusted": trusted,
-                     "reason": reason, "samples": n, "agreement": d["agreement"], "top1_delta": d["top1_delta"],
-                     "cosine_mean": d["cosine_mean"], "sqnr_db": d["sqnr_db"],
-                     "max_abs_vs_host": float(np.abs(out - host_out).max()),
-                     "ms_per_image": run.median_ms_per_image, "cpu_features": run.cpu_features})
+    rows = ctx.backend.isa_drift(artifact, ctx.target, eval_inputs[:n].numpy(), ref_logits[:n], labels[:n])
     summary = ", ".join(f"{r['arch']}/{r['cpu']} agreement {100 * r['agreement']:.1f}%"
                         + ("" if r["trusted"] else " (UNTRUSTED emulator)") for r in rows)
     stages("isa", f"native runner on {n} images: {summary}", time.perf_counter() - t)
     return {"images": n, "image_budget_gmacs": settings.isa_eval_gmacs, "profiles": rows}
 
 
-def _accuracy_fallback(backend, job, artifact, model, eval_inputs, ref_logits, labels, target, threads, stages):
-    """Rank the quantized layers by the drift each causes alone, keep the most sensitive ones in FP32
-    until the target's drift budget is met on the evaluation set, and rebuild with them excluded."""
-    from edgemix.quant.sensitivity import plan_fallback
-
+def _accuracy_fallback(backend, job, artifact, eval_inputs, ref_logits, labels, threads, stages):
     t = time.perf_counter()
     x = eval_inputs.numpy()
-    plan = plan_fallback(artifact.files["model"], model, x[:64], target.budget,
-                         lambda pred: drift_metrics(ref_logits, batched_predict(pred, x), labels), threads=threads)
-    if plan["keep_fp32"]:
-        job.options["keep_fp32"] = list(plan["keep_fp32"])
-        artifact = backend.build(job)
+    artifact, plan = backend.fallback(job, artifact, x,
+                                      lambda pred: drift_metrics(ref_logits, batched_predict(pred, x), labels), threads)
     artifact.details["fallback"] = {k: plan[k] for k in ("keep_fp32", "met", "steps", "ranking")}
     kept = ", ".join(plan["keep_fp32"]) or "none"
     stages("fallback", f"budget {'met' if plan['met'] else 'NOT met'}; layers kept in FP32: {kept}",
@@ -247,8 +223,7 @@ def _build_in(stage_dir: Path, ctx: BuildContext, inp: BuildInputs, stages: Stag
     )
     artifact = backend.build(job)
     if cfg.fallback and cfg.precision == "int8":
-        artifact = _accuracy_fallback(backend, job, artifact, model, eval_inputs, ref_logits, labels, target,
-                                      threads, stages)
+        artifact = _accuracy_fallback(backend, job, artifact, eval_inputs, ref_logits, labels, threads, stages)
     # Runtime-independent reference data for device runners (`edgemix bench`): inputs and the FP32
     # reference's outputs for them, so every device can report its own drift.
     ref_io = stage_dir / "reference_io.npz"

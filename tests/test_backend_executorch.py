@@ -20,7 +20,7 @@ from edgemix.data import load_dataset, stratified_indices, to_model_input  # noq
 from edgemix.errors import UsageError  # noqa: E402
 from edgemix.models import DEFAULT_WEIGHTS, build_model, load_model, resolve_spec  # noqa: E402
 from edgemix.models.mixer import MixerSpec  # noqa: E402
-from edgemix.quant import pt2e  # noqa: E402
+from edgemix.backends.executorch import quantizer as pt2e  # noqa: E402
 from edgemix.train import TrainConfig, fit, seed_everything  # noqa: E402
 
 BACKEND = get_backend("executorch")

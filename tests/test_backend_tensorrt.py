@@ -19,13 +19,13 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from edgemix.backends.base import BuildJob, batched_predict, get_backend
-from edgemix.backends.onnx_export import export_onnx, op_counts, simplify_onnx
+from edgemix.backends.tensorrt.export import export_onnx, op_counts, simplify_onnx
 from edgemix.backends.tensorrt import OnnxRuntimePredictor, tensorrt_status
-from edgemix.backends.trt_check import check_tensorrt_compat
+from edgemix.backends.tensorrt.rules import check_tensorrt_compat
 from edgemix.config import resolve_recipe, resolve_target
 from edgemix.data import load_dataset, stratified_indices, to_model_input
 from edgemix.errors import UsageError
-from edgemix.quant import qdq, sensitivity
+from edgemix.backends.tensorrt import qdq, sensitivity
 from edgemix.train import TrainConfig, fit, seed_everything
 
 TRT_OK, TRT_WHY = tensorrt_status()

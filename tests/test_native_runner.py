@@ -1,4 +1,4 @@
-"""Native ExecuTorch runners (edgemix.native, edgemix/resources/runner/edgemix_runner.cpp): built for x86-64 and,
+"""Native ExecuTorch runners (edgemix.backends.executorch.native, edgemix/resources/runner/edgemix_runner.cpp): built for x86-64 and,
 cross-compiled, for arm64; an INT8 fmnist .pte run natively and under qemu-user, compared with the
 Python runtime; the ISA self-test that marks an emulated profile untrusted; missing/broken toolchains.
 
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgemix import native
+from edgemix.backends.executorch import native
 from edgemix.errors import EXIT_TOOLCHAIN, ToolchainError
 
 needs_gpp = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed (Debian package g++)")

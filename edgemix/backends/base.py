@@ -101,6 +101,24 @@ class Backend:
     def build(self, job: BuildJob) -> BuiltArtifact:
         raise NotImplementedError
 
+    def isa_profiles(self, target) -> list[str]:
+        """CPU profiles of another instruction set the artifact is also verified on (none by default)."""
+        return []
+
+    def check_isa_toolchain(self) -> None:
+        """Fail (exit 3) before any work when what :meth:`isa_drift` needs is missing."""
+
+    def isa_drift(self, artifact: BuiltArtifact, target, x: np.ndarray, ref: np.ndarray,
+                  labels: np.ndarray) -> list[dict]:
+        """One row per instruction set / CPU profile: drift of the written artifact there."""
+        raise NotImplementedError
+
+    def fallback(self, job: BuildJob, artifact: BuiltArtifact, x: np.ndarray,
+                 evaluate: Callable[[Predictor], dict], threads: int) -> tuple[BuiltArtifact, dict]:
+        """Keep the most drift-sensitive layers in FP32 until the target's budget is met; returns the
+        rebuilt artifact and the plan. Only for backends with ``supports_fallback``."""
+        raise UsageError(f"backend {self.name} has no per-layer FP32 fallback")
+
     def load_predictor(self, artifact: BuiltArtifact, threads: int) -> Predictor:
         raise NotImplementedError
 

@@ -20,8 +20,8 @@ import torch
 from onnx import numpy_helper
 
 from edgemix import console
-from edgemix.backends.trt_check import GEMM_OPS, PASS_THROUGH
-from edgemix.quant.qdq import TRANSPOSED_SUFFIX, _graph_maps, qdq_layout
+from edgemix.backends.onnx_graph import GEMM_OPS, dq_source, graph_maps, walk_to_dq
+from edgemix.backends.tensorrt.qdq import TRANSPOSED_SUFFIX, qdq_layout
 
 
 @dataclass
@@ -44,21 +44,17 @@ class FallbackResult:
         return {"keep_fp32": self.keep_fp32, "met": self.met, "steps": self.steps}
 
 
-_producers_consumers = _graph_maps
-
-
 def _layer_inputs(graph, producers, inits):
     """layer -> [(node that reads the DQ output, input index, DQ node)] for each quantized GEMM."""
     out: dict[str, list] = {}
     for g in (n for n in graph.node if n.op_type in GEMM_OPS):
         found, layer = [], None
         for port in range(min(2, len(g.input))):
-            reader, idx, src = g, port, producers.get(g.input[port])
-            while src is not None and src.op_type in PASS_THROUGH:
-                reader, idx, src = src, 0, producers.get(src.input[0])
-            if src is not None and src.op_type == "DequantizeLinear":
-                found.append((reader, idx, src))
-                w = _weight_name(src, producers, inits)
+            chain, dq = walk_to_dq(producers, g.input[port])
+            if dq is not None:
+                # the node that reads the DQ's output: the GEMM, or the last pass-through op walked
+                found.append((chain[-1], 0, dq) if chain else (g, port, dq))
+                w = _weight_name(dq, producers, inits)
                 if w is not None:
                     layer = w.removesuffix(TRANSPOSED_SUFFIX).removesuffix(".weight")
         if found and layer is not None:
@@ -68,8 +64,7 @@ def _layer_inputs(graph, producers, inits):
 
 def _weight_name(dq, producers, inits) -> str | None:
     """The initializer behind a DQ (through its Q), or None for an activation pair."""
-    q = producers.get(dq.input[0])
-    src = q.input[0] if q is not None and q.op_type == "QuantizeLinear" else dq.input[0]
+    src = dq_source(dq, producers)
     return src if src in inits else None
 
 
@@ -103,7 +98,7 @@ def strip_qdq(proto: onnx.ModelProto, layers: Iterable[str], fp32_state: dict | 
     model = onnx.ModelProto()
     model.CopyFrom(proto)
     graph = model.graph
-    producers, _ = _producers_consumers(graph)
+    producers, _ = graph_maps(graph)
     inits = {i.name: i for i in graph.initializer}
     by_layer = _layer_inputs(graph, producers, inits)
     unknown = sorted(set(layers) - set(by_layer))

@@ -24,8 +24,9 @@ import torch
 from onnx import numpy_helper
 
 from edgemix import console
-from edgemix.backends.onnx_export import check_onnx, example_input, export_onnx
-from edgemix.backends.trt_check import GEMM_OPS, PASS_THROUGH, weight_channel_axis
+from edgemix.backends.tensorrt.export import check_onnx, example_input, export_onnx
+from edgemix.backends.onnx_graph import GEMM_OPS, attr, dq_source, graph_maps, set_attr, walk_to_dq
+from edgemix.backends.tensorrt.rules import weight_channel_axis
 
 TRANSPOSED_SUFFIX = "_transposed"  # marks a weight stored (in, out) for MatMul instead of torch's (out, in)
 _OBSERVERS = {"minmax": "MINMAX", "moving_average_minmax": "MEAN_MINMAX", "histogram": "HISTOGRAM",
@@ -187,29 +188,6 @@ def export_qdq(qmodel: torch.nn.Module, spec, *, batch: int, dynamic_batch: bool
 
 # ---------------------------------------------------------------- ONNX graph post-processing
 
-def _graph_maps(graph):
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    return producers, consumers
-
-
-def _attr(node, name, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-def _set_attr(node, name, value) -> None:
-    for a in list(node.attribute):
-        if a.name == name:
-            node.attribute.remove(a)
-    node.attribute.append(onnx.helper.make_attribute(name, value))
-
-
 def to_tensorrt_layout(proto: onnx.ModelProto):
     """Rewrite, in place, two things the TorchScript exporter leaves behind; returns (proto, fixes):
 
@@ -224,7 +202,7 @@ def to_tensorrt_layout(proto: onnx.ModelProto):
     """
     graph = proto.graph
     inits = {i.name: i for i in graph.initializer}
-    producers, consumers = _graph_maps(graph)
+    producers, consumers = graph_maps(graph)
     fixes, dead, stale = [], [], set()
     for t in [n for n in graph.node if n.op_type == "Transpose"]:
         dq = producers.get(t.input[0])
@@ -236,7 +214,7 @@ def to_tensorrt_layout(proto: onnx.ModelProto):
             continue
         if len(consumers.get(src, [])) != 1:
             continue  # a shared weight keeps its layout for the other reader
-        perm = list(_attr(t, "perm") or reversed(range(len(inits[src].dims))))
+        perm = list(attr(t, "perm") or reversed(range(len(inits[src].dims))))
         weight = numpy_helper.to_array(inits[src]).transpose(perm)
         new = numpy_helper.from_array(np.ascontiguousarray(weight), src + TRANSPOSED_SUFFIX)
         graph.initializer.remove(inits[src])
@@ -245,7 +223,7 @@ def to_tensorrt_layout(proto: onnx.ModelProto):
             node.input[0] = new.name if node.input[0] == src else node.input[0]
             stale.update(node.output)  # onnxsim recorded their old (out, in) shapes
             if node.input[1] in inits and inits[node.input[1]].dims:  # per-channel: axis (default 1) follows
-                _set_attr(node, "axis", perm.index(_attr(node, "axis", 1) % len(perm)))
+                set_attr(node, "axis", perm.index(attr(node, "axis", 1) % len(perm)))
         for c in consumers.get(t.output[0], []):
             c.input[:] = [dq.output[0] if i == t.output[0] else i for i in c.input]
         for o in graph.output:
@@ -265,14 +243,14 @@ def to_tensorrt_layout(proto: onnx.ModelProto):
 
 def _signed_int8(graph, stale: set) -> list[str]:
     inits = {i.name: i for i in graph.initializer}
-    _, consumers = _graph_maps(graph)
+    _, consumers = graph_maps(graph)
     fixes = []
     for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
         if len(q.input) < 3 or q.input[2] not in inits or q.input[1] not in inits:
             continue
         zp = inits[q.input[2]]
         if zp.data_type != onnx.TensorProto.UINT8 or np.any(numpy_helper.to_array(zp) != 0):
-            continue  # int8 already, or asymmetric: trt_check reports the latter, a rewrite would hide it
+            continue  # int8 already, or asymmetric: the rules check reports the latter, a rewrite would hide it
         dqs = [c for c in consumers.get(q.output[0], []) if c.op_type == "DequantizeLinear"]
         # new initializers, not an in-place edit: onnxsim merges equal constants, so this scale
         # tensor may also serve an unrelated int8 pair
@@ -306,7 +284,7 @@ def _int8_weights(graph, stale: set) -> list[str]:
     quantization documents. The initializer keeps its name, so layer names in reports do not move.
     """
     inits = {i.name: i for i in graph.initializer}
-    _, consumers = _graph_maps(graph)
+    _, consumers = graph_maps(graph)
     fixes, dead = [], []
     for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
         w, ins = q.input[0], list(q.input)
@@ -320,7 +298,7 @@ def _int8_weights(graph, stale: set) -> list[str]:
         if zp.dtype != np.int8:
             continue
         q_weight = _quantize_like_onnx(numpy_helper.to_array(inits[w]), numpy_helper.to_array(inits[ins[1]]),
-                                       zp, _attr(q, "axis", 1))
+                                       zp, attr(q, "axis", 1))
         inits[w].CopyFrom(numpy_helper.from_array(q_weight, w))  # in place: same name, same position
         for d in dqs:
             d.input[0] = w
@@ -342,25 +320,22 @@ def qdq_layout(proto: onnx.ModelProto) -> list[dict]:
     """
     graph = proto.graph
     inits = {i.name: i for i in graph.initializer}
-    producers, _ = _graph_maps(graph)
+    producers, _ = graph_maps(graph)
     rows = []
     for node in (n for n in graph.node if n.op_type in GEMM_OPS):
         row = {"node": node.name, "op": node.op_type, "layer": None, "weight_quantized": False,
                "activation_quantized": False}
         for port, name in enumerate(node.input[:2]):
-            between, dq = [], producers.get(name)
-            while dq is not None and dq.op_type in PASS_THROUGH:
-                between.append(dq.op_type)
-                dq = producers.get(dq.input[0])
-            if dq is None or dq.op_type != "DequantizeLinear":
+            chain, dq = walk_to_dq(producers, name)
+            if dq is None:
                 continue
-            q = producers.get(dq.input[0])
-            data_in = q.input[0] if q is not None and q.op_type == "QuantizeLinear" else dq.input[0]
+            between = [n.op_type for n in chain]
+            data_in = dq_source(dq, producers)
             scale = numpy_helper.to_array(inits[dq.input[1]]) if dq.input[1] in inits else None
             zp = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] in inits else None
             is_weight = data_in in inits
             info = {"per_channel": scale is not None and scale.ndim == 1 and scale.size > 1,
-                    "axis": _attr(dq, "axis", 1), "zero_point_zero": zp is None or not np.any(zp),
+                    "axis": attr(dq, "axis", 1), "zero_point_zero": zp is None or not np.any(zp),
                     # no zero point input means uint8 in ONNX, which TensorRT cannot take
                     "dtype": onnx.TensorProto.DataType.Name(inits[dq.input[2]].data_type) if zp is not None
                     else "UINT8",

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import tempfile
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import onnx
 import torch
 
+from edgemix.backends.onnx_graph import op_counts
 from edgemix.errors import ToolchainError
 
 INPUT_NAME = "input"
@@ -85,10 +85,6 @@ def check_onnx(proto: onnx.ModelProto) -> None:
         path = Path(tmp) / "model.onnx"
         onnx.save(proto, str(path), save_as_external_data=True, location="model.onnx.data")
         onnx.checker.check_model(str(path), full_check=True)
-
-
-def op_counts(proto: onnx.ModelProto) -> Counter:
-    return Counter(n.op_type for n in proto.graph.node)
 
 
 def save_onnx(proto: onnx.ModelProto, path: Path) -> int:

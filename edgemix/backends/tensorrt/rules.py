@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from edgemix.backends.onnx_graph import (GEMM_OPS, attr, const, dq_source, graph_maps, node_name,
+                                         opset, walk_to_dq)
 from edgemix.errors import UsageError
 
 # onnx-tensorrt 8.6-GA, operators marked "Y"
@@ -38,8 +39,6 @@ Upsample Where Xor
 """.split())
 _ADDED_IN_86 = frozenset({"GroupNormalization", "HardSwish", "IsInf", "LayerNormalization", "Mod", "OneHot"})
 _ADDED_IN_10 = frozenset({"CastLike", "DeformConv", "Gelu", "Hardmax", "Mish"})  # 10.0/10.1-GA
-GEMM_OPS = ("Conv", "MatMul", "Gemm")  # the layers TensorRT runs in INT8 when both inputs come through DQ
-PASS_THROUGH = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze")  # TensorRT moves DQ past these
 
 
 def weight_channel_axis(node, port: int, rank: int) -> int:
@@ -47,7 +46,7 @@ def weight_channel_axis(node, port: int, rank: int) -> int:
     if node.op_type == "Conv":
         return 0
     if node.op_type == "Gemm":  # Y = A' B', B' = B^T when transB: B is then (N, K)
-        return 0 if _attr(node, "transB", 0) else 1
+        return 0 if attr(node, "transB", 0) else 1
     return rank - 1  # MatMul B is (..., K, N)
 
 
@@ -119,33 +118,17 @@ class CompatReport:
             raise UsageError(self.format(), hint="nothing was sent to the device")
 
 
-def node_name(n) -> str:
-    """A node's name, or for an unnamed one its op and first output (unique in a valid graph)."""
-    return n.name or f"{n.op_type}({n.output[0] if n.output else '?'})"
-
-
-def _attr(node, name, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-def _opset(proto) -> int:
-    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
 def check_tensorrt_compat(proto: onnx.ModelProto, tensorrt_version: str, *, precision: str = "int8",
                           batch_range: tuple[int, int, int] | None = None) -> CompatReport:
     """Every rule below that fails adds one Issue (with all offending nodes), none stops the others."""
     sup = support_for(tensorrt_version)
     graph, issues = proto.graph, []
-    opset = _opset(proto)
-    if not sup.min_opset <= opset <= sup.max_opset:
-        issues.append(Issue("opset", f"opset {opset} is outside TensorRT {tensorrt_version}'s "
+    version = opset(proto)
+    if not sup.min_opset <= version <= sup.max_opset:
+        issues.append(Issue("opset", f"opset {version} is outside TensorRT {tensorrt_version}'s "
                                      f"{sup.min_opset}..{sup.max_opset}",
                             "set tensorrt.opset in the target profile to "
-                            f"{min(max(opset, sup.min_opset), sup.max_opset)}"))
+                            f"{min(max(version, sup.min_opset), sup.max_opset)}"))
     custom = [node_name(n) for n in graph.node if n.domain not in ("", "ai.onnx")]
     if custom:
         issues.append(Issue("unsupported-op", "nodes from a non-standard ONNX domain (no TensorRT plugin is shipped)",
@@ -173,14 +156,14 @@ def check_tensorrt_compat(proto: onnx.ModelProto, tensorrt_version: str, *, prec
     issues += qdq_issues
     if precision == "int8" and pairs == 0:
         issues.append(Issue("precision", "an int8 build without Q/DQ nodes would need TensorRT's implicit "
-                                         "(deprecated) calibration", "build the QDQ ONNX with edgemix.quant.qdq"))
+                                         "(deprecated) calibration", "build the QDQ ONNX with edgemix.backends.tensorrt.qdq"))
     if precision != "int8" and pairs:
         issues.append(Issue("precision", f"a {precision} build holds {pairs} Q/DQ pairs, which force INT8 layers",
                             "export the FP32 model for fp16/fp32 builds"))
     ops: dict[str, int] = {}
     for n in graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
-    return CompatReport(tensorrt_version, sup.version, opset, precision, batch_range, issues, ops, pairs,
+    return CompatReport(tensorrt_version, sup.version, version, precision, batch_range, issues, ops, pairs,
                         int8_weights)
 
 
@@ -204,23 +187,10 @@ def _check_shapes(graph, batch_range) -> list[Issue]:
     return issues
 
 
-def _const(name, inits, producers):
-    if name in inits:
-        return numpy_helper.to_array(inits[name])
-    p = producers.get(name)
-    if p is not None and p.op_type == "Constant":
-        return numpy_helper.to_array(_attr(p, "value"))
-    return None
-
-
 def _check_qdq(proto) -> tuple[int, int, list[Issue]]:
     graph = proto.graph
     inits = {i.name: i for i in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producers, consumers = graph_maps(graph)
     ranks = _ranks(proto)
     bad: dict[str, list[str]] = {k: [] for k in ("zp", "zp_type", "scale", "scale_const", "axis", "act_axis",
                                                    "pair", "weight_axis")}
@@ -230,8 +200,8 @@ def _check_qdq(proto) -> tuple[int, int, list[Issue]]:
             int8_weights += 1  # a weight stored quantized: the pair's Q was folded at build
             pairs += 1
         name = node_name(n)
-        scale = _const(n.input[1], inits, producers)
-        zp = _const(n.input[2], inits, producers) if len(n.input) > 2 and n.input[2] else None
+        scale = const(n.input[1], inits, producers)
+        zp = const(n.input[2], inits, producers) if len(n.input) > 2 and n.input[2] else None
         zp_type = (inits[n.input[2]].data_type if n.input[2] in inits else None) if zp is not None else None
         if scale is None:
             bad["scale_const"].append(name)
@@ -244,12 +214,12 @@ def _check_qdq(proto) -> tuple[int, int, list[Issue]]:
         data = n.input[0]
         rank = len(inits[data].dims) if data in inits else ranks.get(data)
         if scale is not None and scale.size > 1:
-            axis = _attr(n, "axis", 1)
+            axis = attr(n, "axis", 1)
             if rank is not None and not -rank <= axis < rank:
                 bad["axis"].append(name)
             q_src = producers.get(data)
             is_weight = data in inits or (q_src is not None and q_src.op_type == "QuantizeLinear"
-                                          and q_src.input[0] in inits)
+                                          and q_src.input[0] in inits)  # a DQ of a fake-quantized weight
             if not is_weight:
                 bad["act_axis"].append(name)
         if n.op_type == "QuantizeLinear":
@@ -260,23 +230,18 @@ def _check_qdq(proto) -> tuple[int, int, list[Issue]]:
     for g in (g for g in graph.node if g.op_type in GEMM_OPS):
         if len(g.input) < 2:
             continue
-        chain, dq = [], producers.get(g.input[1])  # the weight side; TensorRT moves DQ past these ops
-        while dq is not None and dq.op_type in PASS_THROUGH:
-            chain.append(dq)
-            dq = producers.get(dq.input[0])
-        if dq is None or dq.op_type != "DequantizeLinear":
+        chain, dq = walk_to_dq(producers, g.input[1])  # the weight side
+        if dq is None:
             continue
-        scale = _const(dq.input[1], inits, producers)
-        src = producers.get(dq.input[0])
-        w = dq.input[0] if dq.input[0] in inits else (src.input[0] if src is not None
-                                                     and src.op_type == "QuantizeLinear" else None)
+        scale = const(dq.input[1], inits, producers)
+        w = dq_source(dq, producers)
         if scale is None or scale.size <= 1 or w not in inits:
             continue
-        axis = _attr(dq, "axis", 1) % len(inits[w].dims)
+        axis = attr(dq, "axis", 1) % len(inits[w].dims)
         if any(c.op_type != "Transpose" for c in chain):
             continue  # a reshape between DQ and GEMM: the channel axis cannot be followed, TensorRT decides
         for t in reversed(chain):  # from the DQ down to the GEMM: where does the scaled axis end up
-            axis = list(_attr(t, "perm") or reversed(range(len(inits[w].dims)))).index(axis)
+            axis = list(attr(t, "perm") or reversed(range(len(inits[w].dims)))).index(axis)
         expect = weight_channel_axis(g, 1, len(inits[w].dims))
         if axis != expect:
             via = f" after {len(chain)} Transpose(s)" if chain else ""
@@ -286,7 +251,7 @@ def _check_qdq(proto) -> tuple[int, int, list[Issue]]:
         ("zp", "qdq-zero-point", "non-zero zero points (TensorRT quantization is symmetric)",
          "quantize symmetrically (NNCF preset PERFORMANCE)"),
         ("zp_type", "qdq-type", "zero point missing or not INT8 (a missing one means UINT8, which TensorRT rejects)",
-         "give every Q/DQ an int8 zero point of 0 (edgemix.quant.qdq.to_tensorrt_layout rewrites uint8 pairs)"),
+         "give every Q/DQ an int8 zero point of 0 (edgemix.backends.tensorrt.qdq.to_tensorrt_layout rewrites uint8 pairs)"),
         ("scale", "qdq-scale", "scales that are zero, negative, NaN or infinite",
          "recalibrate; a zero scale comes from an all-zero weight row or activation (drop or keep that layer FP32)"),
         ("scale_const", "qdq-scale", "scales that are not constants (TensorRT needs build-time scales)",
@@ -295,7 +260,7 @@ def _check_qdq(proto) -> tuple[int, int, list[Issue]]:
         ("act_axis", "qdq-axis", "per-channel quantization of an activation (TensorRT supports per-tensor only)",
          "use per-tensor activation scales"),
         ("weight_axis", "qdq-axis", "weight scales not on the output-channel axis",
-         "quantize weights per output channel (edgemix.quant.qdq.to_tensorrt_layout folds torch's transposes)"),
+         "quantize weights per output channel (edgemix.backends.tensorrt.qdq.to_tensorrt_layout folds torch's transposes)"),
         ("pair", "qdq-pairing", "QuantizeLinear outputs that do not feed DequantizeLinear",
          "every Q must be followed by a DQ in explicit-quantization graphs"),
     ]
