@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from edgemix import cache, console, outdir
-from edgemix.backends.base import BuildJob, batched_predict
+from edgemix.backends.base import BuildJob, BuiltArtifact, batched_predict
 from edgemix.config import ALIASES, BuildConfig, write_resolved_toml
 from edgemix.context import BuildContext, BuildInputs, load_inputs, resolve, tensor_sha256
 from edgemix.data import ImageSet, to_model_input
@@ -156,8 +157,6 @@ def _fp32_artifact(backend, model, spec, target, recipe, calib_inputs, fp32_dir:
     when this model, target, backend options, example input and library versions were built before
     (it is a pure function of them), else built into ``fp32_dir`` and stored. ``model_key`` is the
     model's cache digest, None when the cache is off. Returns (artifact, cached)."""
-    from edgemix.backends.base import BuiltArtifact
-
     key = None
     if model_key is not None:
         key = cache.digest("fp32-artifact-v1", model_key, backend.name,
@@ -165,12 +164,7 @@ def _fp32_artifact(backend, model, spec, target, recipe, calib_inputs, fp32_dir:
         entry = cache.load_folder("fp32-artifact", key)
         if entry is not None:
             try:
-                meta = json.loads((entry / "entry.json").read_text())
-                files = {role: entry / name for role, name in meta["files"].items()}
-                if all(p.is_file() for p in files.values()):
-                    return BuiltArtifact(files=files, runtime=meta["runtime"], batch_size=meta["batch_size"],
-                                         dynamic_batch=meta["dynamic_batch"], quantization=meta["quantization"],
-                                         details=meta["details"]), True
+                return BuiltArtifact.from_entry(entry, json.loads((entry / "entry.json").read_text())), True
             except (OSError, ValueError, KeyError, TypeError):
                 pass  # unreadable entry: rebuild below and overwrite it
     fp32_dir.mkdir()
@@ -179,74 +173,92 @@ def _fp32_artifact(backend, model, spec, target, recipe, calib_inputs, fp32_dir:
                    stage=lambda *a: None)
     artifact = backend.build(job)
     if key is not None:
-        model_file = artifact.files["model"]
-        name = model_file.name  # kept: an ONNX past 2 GiB names its weight file <name>.data
-        stored = {name: model_file}
-        if (model_file.parent / f"{name}.data").is_file():
-            stored[f"{name}.data"] = model_file.parent / f"{name}.data"
-        cache.save_folder("fp32-artifact", key, stored,
-                          {"files": {"model": name}, "runtime": artifact.runtime, "batch_size": artifact.batch_size,
-                           "dynamic_batch": artifact.dynamic_batch, "quantization": artifact.quantization,
-                           "details": artifact.details})
+        cache.save_folder("fp32-artifact", key, *artifact.to_entry())
     return artifact, False
 
 
-def _build_in(stage_dir: Path, ctx: BuildContext, inp: BuildInputs, stages: Stages) -> dict:
-    cfg, target, backend, recipe, threads = ctx.cfg, ctx.target, ctx.backend, ctx.recipe, ctx.threads
-    model, spec, weights, calib_set, eval_set = inp.model, inp.spec, inp.weights, inp.calib_set, inp.eval_set
-    # ---------------------------------------------------------------- FP32 reference
-    t = time.perf_counter()
-    ref_device = pick_device(cfg.reference_device)
-    # hashed once (S/16: 70 MB of parameters) for both cached results
-    model_key = cache.model_digest(model) if cfg.cache and cache.root() is not None else None
-    ref_logits, ref_cached = cached_reference_logits(model, eval_set, spec, ref_device, model_key is not None,
-                                                     model_key)
-    labels = eval_set.labels.numpy()
-    stages("reference", f"FP32 logits of {len(eval_set)} images on {ref_device}"
-                        + (" (from the build cache)" if ref_cached else ""), time.perf_counter() - t)
+@dataclass(frozen=True)
+class Reference:
+    """The FP32 reference stage: the eager model's logits on the evaluation set."""
 
-    eval_inputs = to_model_input(eval_set.images, spec)
-    bundle_n = min(cfg.bundle_images, len(eval_set))
+    logits: np.ndarray
+    labels: np.ndarray
+    device: str
+    from_cache: bool
+
+
+@dataclass(frozen=True)
+class Timing:
+    """The latency stage: the deployed artifact timed interleaved with its FP32 twin (when asked)."""
+
+    latency: dict  # verify.latency.summarize + threads, warm-up
+    comparison: dict | None  # INT8 vs the FP32 artifact: ratio, sign test, sizes, ops left in float
+
+
+def _reference(ctx: BuildContext, inp: BuildInputs, model_key: str | None, stages: Stages) -> Reference:
+    t = time.perf_counter()
+    device = pick_device(ctx.cfg.reference_device)
+    logits, cached = cached_reference_logits(inp.model, inp.eval_set, inp.spec, device, model_key is not None,
+                                             model_key)
+    stages("reference", f"FP32 logits of {len(inp.eval_set)} images on {device}"
+                        + (" (from the build cache)" if cached else ""), time.perf_counter() - t)
+    return Reference(logits=logits, labels=inp.eval_set.labels.numpy(), device=device, from_cache=cached)
+
+
+def _lower(stage_dir: Path, ctx: BuildContext, inp: BuildInputs, ref: Reference, eval_inputs: torch.Tensor,
+           stages: Stages) -> BuiltArtifact:
+    """Quantize and lower (the backend's stages), the accuracy fallback when asked, and the reference
+    inputs/outputs every device runner verifies against."""
     from edgemix.train import TrainConfig
 
-    basename = f"{spec.name}_{target_label(target)}_{cfg.precision}"
+    cfg, recipe = ctx.cfg, ctx.recipe
+    bundle_n = min(cfg.bundle_images, len(inp.eval_set))
     job = BuildJob(
-        model=model, spec=spec, target=target, precision=cfg.precision, recipe=recipe, calib_inputs=inp.calib_inputs,
-        stage_dir=stage_dir, basename=basename, qat_epochs=cfg.qat_epochs, train_set=inp.train_set,
+        model=inp.model, spec=inp.spec, target=ctx.target, precision=cfg.precision, recipe=recipe,
+        calib_inputs=inp.calib_inputs, stage_dir=stage_dir,
+        basename=f"{inp.spec.name}_{target_label(ctx.target)}_{cfg.precision}", qat_epochs=cfg.qat_epochs,
+        train_set=inp.train_set,
         # QAT fine-tunes a converged model to absorb rounding: plain data, no label smoothing or decay,
         # which would pull it away from the FP32 optimum it is meant to stay near
         train_config=TrainConfig(epochs=cfg.qat_epochs or 1.0, batch_size=cfg.qat_batch_size, lr=cfg.qat_lr,
                                  warmup_epochs=0.0, seed=recipe.seed, augment=False, label_smoothing=0.0,
                                  weight_decay=0.0),
-        bundle_inputs=eval_inputs[:bundle_n], bundle_outputs=torch.from_numpy(ref_logits[:bundle_n]),
+        bundle_inputs=eval_inputs[:bundle_n], bundle_outputs=torch.from_numpy(ref.logits[:bundle_n]),
         options=dict(cfg.backend_options), stage=stages,
     )
-    artifact = backend.build(job)
+    artifact = ctx.backend.build(job)
     if cfg.fallback and cfg.precision == "int8":
-        artifact = _accuracy_fallback(backend, job, artifact, eval_inputs, ref_logits, labels, threads, stages)
+        artifact = _accuracy_fallback(ctx.backend, job, artifact, eval_inputs, ref.logits, ref.labels, ctx.threads,
+                                      stages)
     # Runtime-independent reference data for device runners (`edgemix bench`): inputs and the FP32
     # reference's outputs for them, so every device can report its own drift.
     ref_io = stage_dir / "reference_io.npz"
-    np.savez(ref_io, inputs=job.bundle_inputs.numpy(), outputs=ref_logits[:bundle_n],
-             labels=labels[:bundle_n])
+    np.savez(ref_io, inputs=job.bundle_inputs.numpy(), outputs=ref.logits[:bundle_n], labels=ref.labels[:bundle_n])
     artifact.files.setdefault("reference_io", ref_io)
+    return artifact
 
-    # ---------------------------------------------------------------- verify the written artifact
+
+def _verify(ctx: BuildContext, artifact: BuiltArtifact, predictor, eval_inputs, ref: Reference,
+            stages: Stages) -> dict:
+    """Drift of the written artifact, run by its own runtime, against the FP32 reference."""
     t = time.perf_counter()
-    predictor = backend.load_predictor(artifact, threads)
-    dep_logits = batched_predict(predictor, eval_inputs.numpy())
-    drift = drift_metrics(ref_logits, dep_logits, labels)
-    stages("verify", f"{artifact.runtime} on {len(eval_set)} images: top-1 {100 * drift['deployed_top1']:.2f}% "
+    drift = drift_metrics(ref.logits, batched_predict(predictor, eval_inputs.numpy()), ref.labels)
+    stages("verify", f"{artifact.runtime} on {len(ref.labels)} images: top-1 {100 * drift['deployed_top1']:.2f}% "
                      f"({drift['top1_delta']:+.2f} pts), agreement {100 * drift['agreement']:.2f}%",
            time.perf_counter() - t)
+    return drift
 
+
+def _time(stage_dir: Path, ctx: BuildContext, inp: BuildInputs, artifact: BuiltArtifact, predictor, eval_inputs,
+          model_key: str | None, stages: Stages) -> Timing:
+    cfg, backend, threads = ctx.cfg, ctx.backend, ctx.threads
     t = time.perf_counter()
     x = np.ascontiguousarray(np.repeat(eval_inputs[:1].numpy(), predictor.batch_size, axis=0))
     paths = {"deployed": predictor}
     fp32_artifact = fp32_cached = None
     if cfg.compare_fp32 and cfg.precision == "int8":
-        fp32_artifact, fp32_cached = _fp32_artifact(backend, model, spec, target, recipe, inp.calib_inputs,
-                                                    stage_dir / "fp32-comparison", cfg, model_key)
+        fp32_artifact, fp32_cached = _fp32_artifact(backend, inp.model, inp.spec, ctx.target, ctx.recipe,
+                                                    inp.calib_inputs, stage_dir / "fp32-comparison", cfg, model_key)
         paths["fp32"] = backend.load_predictor(fp32_artifact, threads)
     samples = measure_interleaved(paths, x, cfg.latency_warmup, cfg.latency_runs, cfg.latency_seconds)
     latency = summarize(samples["deployed"], predictor.batch_size)
@@ -254,13 +266,12 @@ def _build_in(stage_dir: Path, ctx: BuildContext, inp: BuildInputs, stages: Stag
     comparison = None
     if fp32_artifact is not None:
         fp32_lat = summarize(samples["fp32"], predictor.batch_size)
-        model_file = artifact.files["model"]
         fp32_bytes = fp32_artifact.files["model"].stat().st_size
         comparison = {
             "fp32_p50_ms": fp32_lat["p50"], "fp32_p90_ms": fp32_lat["p90"], "fp32_noise_ms": fp32_lat["noise_ms"],
             "latency_ratio": latency["p50"] / fp32_lat["p50"],
             **paired_speed_test(samples["deployed"], samples["fp32"]),
-            "fp32_bytes": fp32_bytes, "size_ratio": model_file.stat().st_size / fp32_bytes,
+            "fp32_bytes": fp32_bytes, "size_ratio": artifact.files["model"].stat().st_size / fp32_bytes,
             "float_fallback": artifact.details.get("float_ops", {}),
             "fp32_from_cache": fp32_cached,
         }
@@ -269,33 +280,50 @@ def _build_in(stage_dir: Path, ctx: BuildContext, inp: BuildInputs, stages: Stag
                       f"{threads} threads, {latency['runs']} runs)"
                       + (f"; {comparison['latency_ratio']:.2f}x the FP32 artifact" if comparison else ""),
            time.perf_counter() - t)
+    return Timing(latency=latency, comparison=comparison)
 
-    isa = _isa_drift(ctx, spec, artifact, eval_inputs, ref_logits, labels, stages)
+
+def _build_in(stage_dir: Path, ctx: BuildContext, inp: BuildInputs, stages: Stages) -> dict:
+    """The stages, each returning its small result; the report is assembled from them."""
+    # hashed once (S/16: 70 MB of parameters) for both cached results
+    model_key = cache.model_digest(inp.model) if ctx.cfg.cache and cache.root() is not None else None
+    ref = _reference(ctx, inp, model_key, stages)
+    eval_inputs = to_model_input(inp.eval_set.images, inp.spec)
+    artifact = _lower(stage_dir, ctx, inp, ref, eval_inputs, stages)
+    predictor = ctx.backend.load_predictor(artifact, ctx.threads)
+    drift = _verify(ctx, artifact, predictor, eval_inputs, ref, stages)
+    timing = _time(stage_dir, ctx, inp, artifact, predictor, eval_inputs, model_key, stages)
+    isa = _isa_drift(ctx, inp.spec, artifact, eval_inputs, ref.logits, ref.labels, stages)
+    return assemble_report(ctx, inp, ref, artifact, drift, timing, isa)
+
+
+def assemble_report(ctx: BuildContext, inp: BuildInputs, ref: Reference, artifact: BuiltArtifact, drift: dict,
+                    timing: Timing, isa: dict | None) -> dict:
     files = {role: file_record(p) for role, p in artifact.files.items()}
-    meta = rep.build_metadata()
+    weights, target = inp.weights, ctx.target
     return {
         "schema_version": rep.SCHEMA_VERSION,
-        "model": spec.name,
+        "model": inp.spec.name,
         "target": target.name,
         "target_alias": target_label(target),
-        "backend": backend.name,
-        "precision": cfg.precision,
+        "backend": ctx.backend.name,
+        "precision": ctx.cfg.precision,
         "quantization": artifact.quantization,
         "artifact": {"bytes": files["model"]["bytes"], "files": files, "batch_size": artifact.batch_size,
                      "dynamic_batch": artifact.dynamic_batch},
-        "evaluation": {"data": eval_set.source, "samples": len(eval_set)},
-        "reference": {"device": ref_device, "top1": drift["reference_top1"], "samples": len(eval_set),
-                      "from_cache": ref_cached},
+        "evaluation": {"data": inp.eval_set.source, "samples": len(inp.eval_set)},
+        "reference": {"device": ref.device, "top1": drift["reference_top1"], "samples": len(inp.eval_set),
+                      "from_cache": ref.from_cache},
         "deployed": {"runtime": artifact.runtime, "top1": drift["deployed_top1"]},
         "drift": {k: v for k, v in drift.items() if k not in ("reference_top1", "deployed_top1")},
-        "latency_ms": latency,
-        "fp32_comparison": comparison,
+        "latency_ms": timing.latency,
+        "fp32_comparison": timing.comparison,
         "isa_drift": isa,
         "budget": target.budget.model_dump(),
         "details": artifact.details,
         "provenance": {
             "fingerprint": inp.fingerprint, "weights": weights["path"], "weights_format": weights["format"],
-            "weights_sha256": weights["sha256"], "calibration_sha256": tensor_sha256(calib_set.images),
-            "calibration_images": len(calib_set), "recipe": recipe.model_dump(), **meta,
+            "weights_sha256": weights["sha256"], "calibration_sha256": tensor_sha256(inp.calib_set.images),
+            "calibration_images": len(inp.calib_set), "recipe": ctx.recipe.model_dump(), **rep.build_metadata(),
         },
     }

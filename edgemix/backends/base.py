@@ -50,6 +50,29 @@ class BuiltArtifact:
     quantization: dict = field(default_factory=dict)  # scheme, observer, calibration images, QAT epochs ...
     details: dict = field(default_factory=dict)  # delegation report, compatibility check, engine status ...
 
+    def to_entry(self) -> tuple[dict[str, Path], dict]:
+        """(files to store by name, JSON-able metadata): what a cache entry needs to give this artifact
+        back with :meth:`from_entry`. The model file keeps its name (an ONNX past 2 GiB refers to its
+        ``<name>.data`` weight file by name), and that weight file comes along."""
+        model = self.files["model"]
+        stored = {model.name: model}
+        if (model.parent / f"{model.name}.data").is_file():
+            stored[f"{model.name}.data"] = model.parent / f"{model.name}.data"
+        meta = {"files": {"model": model.name}, "runtime": self.runtime, "batch_size": self.batch_size,
+                "dynamic_batch": self.dynamic_batch, "quantization": self.quantization, "details": self.details}
+        return stored, meta
+
+    @classmethod
+    def from_entry(cls, folder: Path, meta: dict) -> "BuiltArtifact":
+        """The artifact a cache entry (``folder`` holding :meth:`to_entry`'s files) stores; KeyError,
+        TypeError or FileNotFoundError when the entry is not whole."""
+        files = {role: Path(folder) / name for role, name in meta["files"].items()}
+        missing = [p for p in files.values() if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(str(missing[0]))
+        return cls(files=files, runtime=meta["runtime"], batch_size=meta["batch_size"],
+                   dynamic_batch=meta["dynamic_batch"], quantization=meta["quantization"], details=meta["details"])
+
 
 class Predictor(Protocol):
     batch_size: int
