@@ -61,35 +61,34 @@ def _set_quiet(q: bool) -> None:
 @app.command("models")
 @handles_errors
 def models_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
-    """List every model variant with its size and cost."""
+    """List every model variant of every family with its size and cost."""
     import torch
 
-    from edgemix.models import DEFAULT_WEIGHTS, PAPER_NAMES, VARIANTS, build_model, count_params
+    from edgemix.models import DEFAULT_WEIGHTS, count_params, families
 
     rows = []
-    for alias, spec in VARIANTS.items():
-        with torch.device("meta"):  # count parameters without allocating H/14's 1.7 GB
-            model = build_model(spec)
-        rows.append({
-            "alias": alias, "name": PAPER_NAMES[alias], "patch": spec.patch_size, "hidden": spec.hidden_dim,
-            "depth": spec.depth, "tokens_mlp": spec.tokens_mlp_dim, "channels_mlp": spec.channels_mlp_dim,
-            "image": f"{spec.img_size}x{spec.img_size}x{spec.in_chans}", "classes": spec.num_classes,
-            "params_m": round(count_params(model) / 1e6, 2), "gmacs": round(spec.macs() / 1e9, 3),
-            "shipped_weights": alias in DEFAULT_WEIGHTS and DEFAULT_WEIGHTS[alias].is_file(),
-        })
+    for fam in families().values():
+        for alias, spec in fam.variants.items():
+            with torch.device("meta"):  # count parameters without allocating H/14's 1.7 GB
+                model = fam.build(spec)
+            rows.append({
+                "alias": alias, "family": fam.name, "name": fam.paper_names.get(alias, alias),
+                "summary": spec.summary(), "image": f"{spec.img_size}x{spec.img_size}x{spec.in_chans}",
+                "classes": spec.num_classes, "params_m": round(count_params(model) / 1e6, 2),
+                "gmacs": round(spec.macs() / 1e9, 3),
+                "shipped_weights": alias in DEFAULT_WEIGHTS and DEFAULT_WEIGHTS[alias].is_file(),
+            })
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
 
-    t = Table("alias", "model", "patch", "C", "depth", "D_S", "D_C", "input", "classes", "params (M)",
-              "GMACs/img", "weights")
+    t = Table("alias", "family", "model", "configuration", "input", "classes", "params (M)", "GMACs/img", "weights")
     for r in rows:
-        t.add_row(r["alias"], r["name"], str(r["patch"]), str(r["hidden"]), str(r["depth"]), str(r["tokens_mlp"]),
-                  str(r["channels_mlp"]), r["image"], str(r["classes"]), f"{r['params_m']:.2f}", f"{r['gmacs']:.3f}",
-                  "shipped" if r["shipped_weights"] else "--weights")
-    Console(width=140).print(t)
+        t.add_row(r["alias"], r["family"], r["name"], r["summary"], r["image"], str(r["classes"]),
+                  f"{r['params_m']:.2f}", f"{r['gmacs']:.3f}", "shipped" if r["shipped_weights"] else "--weights")
+    Console(width=170).print(t)
 
 
 @app.command("targets")

@@ -8,15 +8,33 @@ import torch
 
 from edgemix import resources
 from edgemix.errors import unknown_choice
-from edgemix.models.mixer import PAPER_NAMES, VARIANTS, MixerSpec, MlpMixer, build_model, count_params
+from edgemix.models.mixer import MixerSpec, MlpMixer, count_params
+from edgemix.models.registry import families, family_of, variants
 
 WEIGHTS_DIR = resources.path("weights")
-# Checkpoints that ship with edgemix; used when --weights is not given.
-DEFAULT_WEIGHTS = {"fmnist": WEIGHTS_DIR / "fmnist.pt"}
 
 
-def resolve_spec(alias: str, img_size: int | None = None, num_classes: int | None = None) -> MixerSpec:
-    key = alias.lower().replace("mixer-", "").replace("/", "")
+def _zoo():
+    """(alias -> spec, alias -> paper name, alias -> shipped checkpoint) over every family."""
+    table = variants()
+    specs = {alias: spec for alias, (_, spec) in table.items()}
+    names = {alias: fam.paper_names.get(alias, alias) for alias, (fam, _) in table.items()}
+    weights = {alias: WEIGHTS_DIR / file for fam in families().values()
+               for alias, file in (fam.default_weights or {}).items()}
+    return specs, names, weights
+
+
+VARIANTS, PAPER_NAMES, DEFAULT_WEIGHTS = _zoo()  # checkpoints that ship with edgemix: used without --weights
+
+
+def build_model(spec) -> torch.nn.Module:
+    return family_of(spec).build(spec)
+
+
+def resolve_spec(alias: str, img_size: int | None = None, num_classes: int | None = None):
+    key = alias.lower()
+    if key not in VARIANTS:  # the Mixer paper's names: Mixer-B/16 -> b16
+        key = key.replace("mixer-", "").replace("/", "")
     if key not in VARIANTS:
         raise unknown_choice("model", alias, VARIANTS)
     return VARIANTS[key].with_overrides(img_size=img_size, num_classes=num_classes)
@@ -57,4 +75,4 @@ def load_model(alias: str, weights: str | Path | None = None, img_size: int | No
 
 
 __all__ = ["VARIANTS", "PAPER_NAMES", "MixerSpec", "MlpMixer", "build_model", "count_params",
-           "resolve_spec", "load_model", "DEFAULT_WEIGHTS"]
+           "resolve_spec", "load_model", "DEFAULT_WEIGHTS", "families", "family_of"]

@@ -1,4 +1,5 @@
-"""Checkpoint import: edgemix's own files, Google's official JAX ``.npz``, timm state dicts.
+"""Checkpoint import: edgemix's own files, Google's official JAX ``.npz`` (Mixer), and the state dicts
+of timm and of each family's authors (each family's importer maps their keys, models/registry.py).
 
 Every format is turned into a state dict in this package's key layout, then checked key by key
 against the model: missing, unexpected and wrong-shaped keys are reported together.
@@ -15,7 +16,7 @@ import torch
 
 from edgemix.errors import CheckpointError
 from edgemix.fileutil import file_sha256
-from edgemix.models.mixer import MixerSpec, MlpMixer
+from edgemix.models.registry import family_of, spec_from_dict
 
 FORMAT = "edgemix-checkpoint"
 FORMAT_VERSION = 1
@@ -24,7 +25,7 @@ HEAD_KEYS = ("head.weight", "head.bias")
 
 # ---------------------------------------------------------------- edgemix's own format
 
-def save_checkpoint(path: Path, model: MlpMixer, meta: dict, extra: dict | None = None) -> None:
+def save_checkpoint(path: Path, model: torch.nn.Module, meta: dict, extra: dict | None = None) -> None:
     """Weights + model spec + training metadata; written to a temporary name, then renamed."""
     payload = {
         "format": FORMAT,
@@ -72,7 +73,7 @@ def read_edgemix_checkpoint(path: Path, obj: object = None) -> dict:
         raise CheckpointError(f"edgemix checkpoint {path} has no model spec",
                               hint="re-save it with `edgemix train`")
     try:
-        MixerSpec.from_dict(obj["spec"])
+        spec_from_dict(obj["spec"])
     except CheckpointError as e:
         raise CheckpointError(f"edgemix checkpoint {path}: {e.message}", hint=e.hint) from None
     return obj
@@ -133,20 +134,6 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
                               hint="re-download the .npz") from None
 
 
-# ---------------------------------------------------------------- timm
-
-def timm_to_state_dict(sd: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """timm's MlpMixer uses the same key names as this module; drop its optional prefixes."""
-    out, unexpected = {}, []
-    for k, v in sd.items():
-        k2 = k.removeprefix("module.").removeprefix("model.")
-        if not isinstance(v, torch.Tensor):
-            unexpected.append(k)
-            continue
-        out[k2] = v.float()
-    return out, unexpected
-
-
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -159,7 +146,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------- loading into a model
 
-def check_and_load(model: MlpMixer, sd: dict[str, torch.Tensor], source: str,
+def check_and_load(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str,
                    unexpected: list[str] = (), reset_head: bool = False) -> list[str]:
     """Load ``sd`` into ``model`` after checking every key; returns the keys that were reset."""
     own = model.state_dict()
@@ -215,18 +202,36 @@ def detect_format(path: Path) -> str:
                           hint="edgemix reads .pt (edgemix), .pth/.safetensors (timm) and .npz (official JAX)")
 
 
-def load_weights(model: MlpMixer, path: str | Path, reset_head: bool = False) -> dict:
+# state dicts inside training checkpoints: timm's "state_dict", the CycleMLP/DeiT family's "model",
+# ViP's "state_dict_ema" (the EMA weights it reports) when nothing else is there
+_CONTAINERS = ("state_dict", "model", "state_dict_ema")
+
+
+def _unwrap(obj: dict) -> dict:
+    for key in _CONTAINERS:
+        if isinstance(obj.get(key), dict):
+            return obj[key]
+    return obj
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, reset_head: bool = False) -> dict:
     """Load any supported checkpoint into ``model``; returns provenance (format, sha256, meta)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist" if not path.exists()
                               else f"checkpoint '{path}' is not a file")
     fmt = detect_format(path)
+    family = family_of(model)
     meta: dict = {}
     if fmt == "jax":
+        if family.name != "mixer":
+            raise CheckpointError(f"{path} is a JAX .npz (the format of Google's Mixer release); {family.title} "
+                                  "checkpoints come as PyTorch .pth/.pt files",
+                                  hint="pass the authors' .pth, or a Mixer model with this file")
         sd, unexpected = jax_npz_to_state_dict(_read_npz(path))
     elif fmt == "timm":
-        sd, unexpected = timm_to_state_dict(_read_safetensors(path))
+        sd, unexpected = family.import_state_dict(_strip_ddp(_read_safetensors(path)), model.spec)
+        fmt = "timm" if family.name == "mixer" else "safetensors"
     else:
         obj = _torch_load(path)
         if isinstance(obj, dict) and obj.get("format") == FORMAT:
@@ -234,21 +239,25 @@ def load_weights(model: MlpMixer, path: str | Path, reset_head: bool = False) ->
             fmt, meta = "edgemix", obj.get("meta", {})
             sd, unexpected = obj["state_dict"], []
         elif isinstance(obj, dict):
-            fmt = "timm"
-            inner = obj.get("state_dict", obj.get("model", obj))
-            sd, unexpected = timm_to_state_dict(inner if isinstance(inner, dict) else obj)
+            fmt = "timm" if family.name == "mixer" else "state-dict"
+            sd, unexpected = family.import_state_dict(_strip_ddp(_unwrap(obj)), model.spec)
         else:
             raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
     reset = check_and_load(model, sd, str(path), unexpected, reset_head)
     return {"path": str(path), "format": fmt, "sha256": file_sha256(path), "reset": reset, "meta": meta}
 
 
-def spec_from_checkpoint(path: str | Path) -> MixerSpec | None:
+def _strip_ddp(sd: dict) -> dict:
+    """Checkpoints saved from a DistributedDataParallel wrapper prefix every key with 'module.'."""
+    return {(k.removeprefix("module.") if isinstance(k, str) else k): v for k, v in sd.items()}
+
+
+def spec_from_checkpoint(path: str | Path):
     """The model spec stored in an edgemix checkpoint (None for foreign formats)."""
     path = Path(path)
     if path.suffix.lower() not in (".pt", ".pth") or not path.is_file():
         return None
     obj = _torch_load(path)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        return MixerSpec.from_dict(read_edgemix_checkpoint(path, obj)["spec"])
+        return spec_from_dict(read_edgemix_checkpoint(path, obj)["spec"])
     return None

@@ -7,15 +7,20 @@ for key; the JAX importer maps Google's names onto the same keys.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from edgemix.models.registry import Family, SpecBase, register
+
 
 @dataclass(frozen=True)
-class MixerSpec:
+class MixerSpec(SpecBase):
     """Everything needed to build one Mixer; stored inside edgemix checkpoints."""
+
+    family: ClassVar[str] = "mixer"
 
     name: str
     patch_size: int
@@ -35,59 +40,21 @@ class MixerSpec:
     def num_tokens(self) -> int:  # S
         return (self.img_size // self.patch_size) ** 2
 
-    def with_overrides(self, **kw) -> "MixerSpec":
+    def validate(self) -> None:
         from edgemix.errors import UsageError
 
-        kw = {k: v for k, v in kw.items() if v is not None}
-        for key, option in (("num_classes", "--num-classes"), ("img_size", "--image-size")):
-            if key in kw and kw[key] < 1:
-                raise UsageError(f"{option} must be >= 1, got {kw[key]}")
-        spec = replace(self, **kw)
-        if spec.img_size < spec.patch_size:
-            raise UsageError(f"image size {spec.img_size} is smaller than {spec.name}'s patch size {spec.patch_size}",
-                             hint=f"use an image size that is a multiple of {spec.patch_size}")
-        if spec.img_size % spec.patch_size:
+        if self.img_size < self.patch_size:
+            raise UsageError(f"image size {self.img_size} is smaller than {self.name}'s patch size {self.patch_size}",
+                             hint=f"use an image size that is a multiple of {self.patch_size}")
+        if self.img_size % self.patch_size:
             raise UsageError(
-                f"image size {spec.img_size} is not a multiple of {spec.name}'s patch size "
-                f"{spec.patch_size}",
-                hint=f"use an image size such as {spec.patch_size * (spec.img_size // spec.patch_size or 1)}",
+                f"image size {self.img_size} is not a multiple of {self.name}'s patch size {self.patch_size}",
+                hint=f"use an image size such as {self.patch_size * (self.img_size // self.patch_size or 1)}",
             )
-        return spec
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MixerSpec":
-        """A spec stored in a checkpoint; an incomplete or malformed one is a usage error naming what is wrong."""
-        from dataclasses import MISSING, fields
-
-        from edgemix.errors import CheckpointError
-
-        if not isinstance(d, dict):
-            raise CheckpointError(f"the stored model spec is a {type(d).__name__}, not a table of fields")
-        known = {f.name: f for f in fields(cls)}
-        required = [n for n, f in known.items() if f.default is MISSING and f.default_factory is MISSING]
-        missing = [n for n in required if n not in d]
-        unknown = sorted(set(d) - set(known))
-        if missing or unknown:
-            raise CheckpointError("the stored model spec is incomplete or unknown: "
-                                  + "; ".join(([f"missing {', '.join(missing)}"] if missing else [])
-                                              + ([f"unknown {', '.join(unknown)}"] if unknown else [])),
-                                  hint="re-save the checkpoint with `edgemix train`, or pass --model")
-        d = dict(d)
-        try:
-            d["mean"], d["std"] = tuple(float(v) for v in d.get("mean", cls.mean)), tuple(
-                float(v) for v in d.get("std", cls.std))
-            for n in ("patch_size", "hidden_dim", "depth", "tokens_mlp_dim", "channels_mlp_dim", "img_size",
-                      "in_chans", "num_classes"):
-                if n in d and (not isinstance(d[n], int) or isinstance(d[n], bool) or d[n] < 1):
-                    raise ValueError(f"{n} = {d[n]!r} is not a positive integer")
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"the stored model spec is malformed: {e}") from None
-        return cls(**d)
+    def summary(self) -> str:
+        return (f"patch {self.patch_size}, C {self.hidden_dim}, depth {self.depth}, D_S {self.tokens_mlp_dim}, "
+                f"D_C {self.channels_mlp_dim}")
 
     def macs(self) -> int:
         """Multiply-accumulates per image of the Linear/Conv layers (what dominates)."""
@@ -232,3 +199,18 @@ def fold_layernorm_affine(model: MlpMixer) -> tuple[MlpMixer, int]:
     for ln, linear in pairs:
         _fold_affine_into(ln, linear)
     return folded, len(pairs)
+
+
+def _import_timm(sd: dict, spec: MixerSpec) -> tuple[dict, list[str]]:
+    """timm's MlpMixer uses this module's key names (Google's JAX .npz goes through checkpoints.py)."""
+    out, unexpected = {}, []
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor):
+            out[k.removeprefix("model.")] = v.float()
+        else:
+            unexpected.append(k)
+    return out, unexpected
+
+
+register(Family(name="mixer", title="MLP-Mixer", spec_cls=MixerSpec, variants=VARIANTS, paper_names=PAPER_NAMES,
+                build=build_model, import_state_dict=_import_timm, default_weights={"fmnist": "fmnist.pt"}))

@@ -47,8 +47,11 @@ class XnnpackMixer(nn.Module):
 def export_view(model: nn.Module, decompose_layernorm: bool = True,
                 patch_linear: bool = True) -> tuple[nn.Module, str]:
     """The module to export and a one-line description of what was rewritten."""
-    if not isinstance(model, MlpMixer):
-        return model, "none (not an MlpMixer)"
+    if not isinstance(model, MlpMixer):  # another family: its own export form (models/registry.py), if any
+        from edgemix.models.registry import export_form
+
+        view, what = export_form(model)
+        return view.eval(), what
     what = ["mean pool as global average pooling"]
     if decompose_layernorm:
         what.append("LayerNorm as linear-mean/sub/mul/rsqrt, the channel-side LayerNorms' affine folded "
