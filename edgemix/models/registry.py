@@ -121,9 +121,10 @@ def register(family: Family) -> Family:
     return family
 
 
-FAMILY_MODULES = ("mixer",)  # importing one registers its family; `edgemix models` lists them in this order
+FAMILY_MODULES = ("mixer", "convmixer")  # importing one registers its family; `edgemix models` lists them in this order
 
 
+@functools.cache
 def _load_families() -> None:
     import importlib
 
@@ -132,9 +133,8 @@ def _load_families() -> None:
 
 
 def families() -> dict[str, Family]:
-    if not FAMILIES:
-        _load_families()
-    return FAMILIES
+    _load_families()
+    return {name: FAMILIES[name] for name in FAMILY_MODULES if name in FAMILIES}
 
 
 def variants() -> dict[str, tuple[Family, object]]:
@@ -147,7 +147,7 @@ def family_of(spec_or_model) -> Family:
     name = getattr(spec, "family", None)
     if name not in families():
         raise UsageError(f"no model family '{name}'")
-    return FAMILIES[name]
+    return families()[name]
 
 
 def spec_from_dict(d: dict):

@@ -87,7 +87,7 @@ def _nncf_quietly():
 
 def _advanced(recipe, settings: QDQSettings):
     from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters,
-                                                       AdvancedSmoothQuantParameters)
+                                                       AdvancedSmoothQuantParameters, QuantizationParameters)
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
     observer = getattr(recipe, "observer", "minmax")
@@ -102,7 +102,10 @@ def _advanced(recipe, settings: QDQSettings):
     # extra pass over the activations; on Mixer it bought no measurable agreement (0.996 vs 0.992
     # on fmnist) for 3x the calibration time. The sensitivity fallback covers outlier layers.
     alpha = -1 if settings.smooth_quant is None else settings.smooth_quant
+    # per-tensor activations always: NNCF otherwise quantizes a depthwise conv's input per channel
+    # (ConvMixer), which TensorRT's explicit quantization rejects
     return AdvancedQuantizationParameters(activations_range_estimator_params=estimator,
+                                          activations_quantization_params=QuantizationParameters(per_channel=False),
                                           smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=alpha),
                                           disable_bias_correction=not settings.bias_correction)
 
