@@ -7,9 +7,13 @@ def test_models_lists_every_variant_json():
     p = run_cli("models", "--json")
     assert p.returncode == 0, p.stderr
     rows = {r["alias"]: r for r in json.loads(p.stdout)}
-    assert list(rows) == ["s32", "s16", "b32", "b16", "l32", "l16", "h14", "fmnist"]
+    assert list(rows)[:8] == ["s32", "s16", "b32", "b16", "l32", "l16", "h14", "fmnist"]
     assert rows["s16"]["params_m"] == 18.53 and rows["b16"]["gmacs"] == 12.602
-    assert rows["fmnist"]["shipped_weights"] is True
+    assert rows["fmnist"]["shipped_weights"] is True and rows["fmnist"]["family"] == "mixer"
+    # the relatives, each with its family and the paper's size
+    assert rows["convmixer-1536-20"]["family"] == "convmixer" and rows["convmixer-1536-20"]["params_m"] == 51.63
+    assert rows["vip-m7"]["family"] == "vip" and rows["vip-m7"]["params_m"] == 55.27
+    assert rows["cyclemlp-b2"]["family"] == "cyclemlp" and rows["cyclemlp-b2"]["gmacs"] == 3.876
 
 
 def test_models_table_and_help():

@@ -121,7 +121,7 @@ def register(family: Family) -> Family:
     return family
 
 
-FAMILY_MODULES = ("mixer", "convmixer")  # importing one registers its family; `edgemix models` lists them in this order
+FAMILY_MODULES = ("mixer", "convmixer", "vip", "cyclemlp")  # importing one registers its family; `edgemix models` lists them in this order
 
 
 @functools.cache

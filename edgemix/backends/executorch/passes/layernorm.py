@@ -35,3 +35,20 @@ class XnnpackLayerNorm(nn.Module):
         if self.weight is not None:
             y = y * self.weight
         return y + self.bias if self.bias is not None else y
+
+
+def decompose_layernorms(model: nn.Module) -> tuple[nn.Module, int]:
+    """A new module tree over the same parameter tensors (the caller's model untouched, no weight
+    copied) with every LayerNorm as an :class:`XnnpackLayerNorm`; returns it and how many there were."""
+    import copy
+
+    shared = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    view = copy.deepcopy(model, memo=shared)
+    n = 0
+    for parent in list(view.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.LayerNorm):
+                setattr(parent, name, XnnpackLayerNorm(child))
+                n += 1
+    return view, n
+

@@ -47,10 +47,16 @@ class XnnpackMixer(nn.Module):
 def export_view(model: nn.Module, decompose_layernorm: bool = True,
                 patch_linear: bool = True) -> tuple[nn.Module, str]:
     """The module to export and a one-line description of what was rewritten."""
-    if not isinstance(model, MlpMixer):  # another family: its own export form (models/registry.py), if any
+    if not isinstance(model, MlpMixer):
+        # another family: its own export form (models/registry.py), then every LayerNorm in delegable ops
+        from edgemix.backends.executorch.passes.layernorm import decompose_layernorms
         from edgemix.models.registry import export_form
 
         view, what = export_form(model)
+        if decompose_layernorm:
+            view, n = decompose_layernorms(view)
+            if n:
+                what = ("" if what == "none" else what + "; ") + f"{n} LayerNorms as linear-mean/sub/mul/rsqrt"
         return view.eval(), what
     what = ["mean pool as global average pooling"]
     if decompose_layernorm:
