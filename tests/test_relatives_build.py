@@ -1,0 +1,37 @@
+"""The Mixer's relatives through both targets, end to end through the real command: a phone build
+of CycleMLP and a jetson build of ViP and ConvMixer (their small Fashion-MNIST variants, random
+weights: this checks the lowering and the proof on the written artifact, not accuracy)."""
+
+import json
+
+import pytest
+
+from conftest import run_cli
+
+FAST = ("--random-weights", "--eval-limit", "100", "--latency-runs", "5", "--latency-seconds", "0")
+
+
+def _build(tmp_path, model, target):
+    out = tmp_path / f"{model}_{target}"
+    p = run_cli("build", "--target", target, "--model", model, *FAST, "--out", out)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return json.loads((out / "report.json").read_text())
+
+
+def test_cyclemlp_phone_build_is_one_xnnpack_delegate(tmp_path):
+    r = _build(tmp_path, "cyclemlp-fmnist", "phone")
+    dele = r["details"]["delegation"]
+    assert r["model"] == "cyclemlp-fmnist" and r["backend"] == "executorch"
+    assert dele["partitions"] == 1 and dele["not_delegated"] == [] and dele["all_linear_conv_delegated"]
+    assert "LayerNorms as linear-mean/sub/mul/rsqrt" in r["details"]["export_rewrite"]
+    # random weights: the INT8 program still computes nearly the FP32 function (cosine), measured on the .pte
+    assert r["drift"]["samples"] == 100 and r["drift"]["cosine_mean"] > 0.95
+    assert r["latency_ms"]["p50"] > 0 and r["fp32_comparison"]["size_ratio"] < 0.5
+
+
+@pytest.mark.parametrize("model", ["vip-fmnist", "convmixer-fmnist"])
+def test_relatives_jetson_build_passes_the_tensorrt_check(tmp_path, model):
+    r = _build(tmp_path, model, "jetson")
+    compat = r["details"]["compat"]
+    assert compat["ok"] and compat["qdq_pairs"] > 0 and compat["int8_weights"] > 0
+    assert r["drift"]["cosine_mean"] > 0.95 and r["latency_ms"]["p50"] > 0
