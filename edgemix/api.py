@@ -111,7 +111,7 @@ def default_train_data() -> str:
 
 def _model_arg(model, input_shape, mean, std, name):
     """(alias or None, wrapped module or None)."""
-    if isinstance(model, str):
+    if model is None or isinstance(model, str):
         if input_shape is not None or mean is not None or std is not None:
             raise UsageError("input_shape, mean and std describe a torch.nn.Module; a zoo model has its own",
                              hint="use image_size= / num_classes= to reconfigure a zoo model")
@@ -123,7 +123,7 @@ def _model_arg(model, input_shape, mean, std, name):
     return None, wrap_module(model, input_shape, mean, std, name)
 
 
-def build(model: str | torch.nn.Module = "fmnist", target: str = "phone", *, input_shape=None, mean=None,
+def build(model: str | torch.nn.Module | None = None, target: str = "phone", *, input_shape=None, mean=None,
           std=None, name: str | None = None, weights: str | Path | None = None, precision: str | None = None,
           calib: str = "default", calib_data: DataArg | None = None, eval_data: DataArg = "sample",
           train_data: DataArg | None = None, out: str | Path | None = None, quiet: bool = False,
@@ -142,10 +142,10 @@ def build(model: str | torch.nn.Module = "fmnist", target: str = "phone", *, inp
     from edgemix.pipeline import default_out
 
     alias, module = _model_arg(model, input_shape, mean, std, name)
-    if alias is not None:
-        from edgemix.models import resolve_spec
+    if module is None:  # a zoo alias, or None: what the weights file holds, else the shipped fmnist
+        from edgemix.models import spec_for
 
-        spec = resolve_spec(alias, options.get("image_size"), options.get("num_classes"))
+        spec = spec_for(alias, weights, options.get("image_size"), options.get("num_classes"))
     else:
         spec = module.spec
         if weights is not None:
@@ -180,7 +180,7 @@ class EvalResult:
     result: dict = field(repr=False)
 
 
-def evaluate(model: str | torch.nn.Module = "fmnist", data: DataArg = "sample", *, weights=None, split: str = "test",
+def evaluate(model: str | torch.nn.Module | None = None, data: DataArg = "sample", *, weights=None, split: str = "test",
              limit: int | None = None, batch_size: int = 250, image_size=None, num_classes=None,
              device: str = "auto", input_shape=None, mean=None, std=None, name=None) -> EvalResult:
     """The FP32 reference: top-1, per-class accuracy and logits, on CUDA when present."""

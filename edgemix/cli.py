@@ -181,7 +181,7 @@ def train_cmd(
 @app.command("eval")
 @handles_errors
 def eval_cmd(
-    model: str = typer.Option("fmnist", "--model", "-m", help="Model alias (see `edgemix models`)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model alias (see `edgemix models`; default: what --weights holds, else fmnist)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Checkpoint (default: the shipped one)."),
     data: str = typer.Option("sample", help="Evaluation data: sample (shipped), fashion-mnist, or a folder."),
     split: str = typer.Option("test", help="train or test (IDX data sets)."),
@@ -231,7 +231,7 @@ def eval_cmd(
 @handles_errors
 def build_cmd(
     target: str = typer.Option(..., "--target", "-t", help="Device profile or alias (see `edgemix targets`)."),
-    model: str = typer.Option("fmnist", "--model", "-m", help="Model alias (see `edgemix models`)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model alias (see `edgemix models`; default: what --weights holds, else fmnist)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Checkpoint (default: the shipped one)."),
     precision: Optional[str] = typer.Option(None, help="int8, fp32 or fp16 (default: the target's)."),
     calib: str = typer.Option("default", help="Calibration recipe: a shipped name (default, fast64, histogram), one in "

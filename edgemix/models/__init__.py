@@ -40,30 +40,63 @@ def resolve_spec(alias: str, img_size: int | None = None, num_classes: int | Non
     return VARIANTS[key].with_overrides(img_size=img_size, num_classes=num_classes)
 
 
-def load_model(alias: str, weights: str | Path | None = None, img_size: int | None = None,
+def spec_for(alias: str | None, weights=None, img_size: int | None = None, num_classes: int | None = None):
+    """The spec a build or evaluation will use, without loading weights: what a Keras file or an edgemix
+    checkpoint holds when ``alias`` is None (or for a Keras file, always), else the alias's."""
+    from edgemix.models.checkpoints import spec_from_checkpoint
+    from edgemix.models.keras import is_keras_file, read_keras_mixer
+
+    if weights is not None and is_keras_file(weights) and Path(weights).is_file():
+        return read_keras_mixer(weights)[0].with_overrides(img_size=img_size, num_classes=num_classes)
+    if alias is None and weights is not None:
+        stored = spec_from_checkpoint(weights)
+        if stored is not None and stored.name in VARIANTS:
+            alias = stored.name
+    return resolve_spec(alias or "fmnist", img_size, num_classes)
+
+
+def load_model(alias: str | None, weights: str | Path | None = None, img_size: int | None = None,
                num_classes: int | None = None, reset_head: bool = False, allow_random: bool = False):
     """Build a model and load its weights: ``weights``, else the shipped default for the alias.
 
+    ``alias`` may be None when the file itself tells the architecture (an edgemix checkpoint, a
+    Keras ``.keras`` / ``.weights.h5`` Mixer); without either it is the shipped ``fmnist``.
     Returns (model in eval mode, provenance dict). A model with no weights is only built when
     ``allow_random`` is set (benchmarks of latency and size do not need trained weights).
     """
     from edgemix.errors import CheckpointError
-    from edgemix.models.checkpoints import load_weights, spec_from_checkpoint
+    from edgemix.models.checkpoints import check_and_load, load_weights, spec_from_checkpoint
+    from edgemix.models.keras import is_keras_file, read_keras_mixer
 
+    if weights is not None and is_keras_file(weights):
+        from edgemix.fileutil import file_sha256
+
+        path = Path(weights)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint '{path}' does not exist")
+        spec, sd = read_keras_mixer(path)  # the file's own architecture: --model is not needed
+        spec = spec.with_overrides(img_size=img_size, num_classes=num_classes)
+        model = build_model(spec)
+        reset = check_and_load(model, sd, str(path), [], reset_head)
+        return model.eval(), {"path": str(path), "format": "keras", "sha256": file_sha256(path), "reset": reset,
+                              "meta": {}}
+    stored = spec_from_checkpoint(weights) if weights is not None else None
+    if alias is None:
+        alias = stored.name if stored is not None and stored.name in VARIANTS else "fmnist"
     spec = resolve_spec(alias, img_size, num_classes)
     if weights is None and alias in DEFAULT_WEIGHTS and DEFAULT_WEIGHTS[alias].is_file():
         weights = DEFAULT_WEIGHTS[alias]
-    if weights is not None:
         stored = spec_from_checkpoint(weights)
-        if stored is not None and stored.name == spec.name:
-            # an edgemix checkpoint knows its own image size and class count
-            spec = stored.with_overrides(img_size=img_size, num_classes=num_classes)
+    if stored is not None and stored.name == spec.name:
+        # an edgemix checkpoint knows its own image size and class count
+        spec = stored.with_overrides(img_size=img_size, num_classes=num_classes)
     if weights is None:
         if not allow_random:
             raise CheckpointError(
                 f"model '{alias}' has no shipped weights and no --weights was given",
-                hint="pass --weights FILE (an edgemix .pt, a timm .pth/.safetensors or an official JAX .npz), "
-                     "or --random-weights for latency/size work where accuracy does not matter")
+                hint="pass --weights FILE (an edgemix .pt, a timm .pth/.safetensors, an official JAX .npz or a "
+                     "Keras .keras/.weights.h5), or --random-weights for latency/size work where accuracy does "
+                     "not matter")
         with torch.random.fork_rng():  # seeded: a random-weights build is reproducible (and cacheable)
             torch.manual_seed(0)
             model = build_model(spec)

@@ -35,6 +35,10 @@ class MixerSpec(SpecBase):
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     ln_eps: float = 1e-6  # the official JAX code uses flax's default LayerNorm eps
+    # Keras implementations (models/keras.py): the keras.io example uses ONE LayerNorm for both
+    # pre-norms of a block and no LayerNorm before the head
+    shared_norm: bool = False
+    pre_head_norm: bool = True
 
     @property
     def num_tokens(self) -> int:  # S
@@ -54,7 +58,8 @@ class MixerSpec(SpecBase):
 
     def summary(self) -> str:
         return (f"patch {self.patch_size}, C {self.hidden_dim}, depth {self.depth}, D_S {self.tokens_mlp_dim}, "
-                f"D_C {self.channels_mlp_dim}")
+                f"D_C {self.channels_mlp_dim}" + (", shared norm" if self.shared_norm else "")
+                + ("" if self.pre_head_norm else ", no pre-head norm"))
 
     def macs(self) -> int:
         """Multiply-accumulates per image of the Linear/Conv layers (what dominates)."""
@@ -106,12 +111,13 @@ class MixerBlock(nn.Module):
         c = spec.hidden_dim
         self.norm1 = nn.LayerNorm(c, eps=spec.ln_eps)
         self.mlp_tokens = Mlp(spec.num_tokens, spec.tokens_mlp_dim)
-        self.norm2 = nn.LayerNorm(c, eps=spec.ln_eps)
+        if not spec.shared_norm:
+            self.norm2 = nn.LayerNorm(c, eps=spec.ln_eps)
         self.mlp_channels = Mlp(c, spec.channels_mlp_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, S, C)
         x = x + self.mlp_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2)
-        return x + self.mlp_channels(self.norm2(x))
+        return x + self.mlp_channels(getattr(self, "norm2", self.norm1)(x))
 
 
 class PatchEmbed(nn.Module):
@@ -130,7 +136,7 @@ class MlpMixer(nn.Module):
         self.spec = spec
         self.stem = PatchEmbed(spec)
         self.blocks = nn.Sequential(*[MixerBlock(spec) for _ in range(spec.depth)])
-        self.norm = nn.LayerNorm(spec.hidden_dim, eps=spec.ln_eps)
+        self.norm = nn.LayerNorm(spec.hidden_dim, eps=spec.ln_eps) if spec.pre_head_norm else nn.Identity()
         self.head = nn.Linear(spec.hidden_dim, spec.num_classes)
         self.reset_parameters()
 
@@ -195,7 +201,10 @@ def fold_layernorm_affine(model: MlpMixer) -> tuple[MlpMixer, int]:
     import copy
 
     folded = copy.deepcopy(model)
-    pairs = [(b.norm2, b.mlp_channels.fc1) for b in folded.blocks] + [(folded.norm, folded.head)]
+    # a block whose one LayerNorm also feeds the token MLP (shared_norm) cannot fold either
+    pairs = [(b.norm2, b.mlp_channels.fc1) for b in folded.blocks if hasattr(b, "norm2")]
+    if isinstance(folded.norm, nn.LayerNorm):
+        pairs.append((folded.norm, folded.head))
     for ln, linear in pairs:
         _fold_affine_into(ln, linear)
     return folded, len(pairs)
