@@ -167,16 +167,10 @@ class ChannelAffine(nn.Module):
 
 
 def export_form(model: ConvMixer) -> tuple[nn.Module, str]:
-    import copy
+    from edgemix.models.module import replace_modules
 
-    view = copy.deepcopy(model).eval()
-    n = 0
-    for parent in list(view.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.BatchNorm2d):
-                setattr(parent, name, ChannelAffine(child))
-                n += 1
-    return view, f"{n} BatchNorms (after an activation, not foldable into a conv) as per-channel affine mul/add"
+    view, n = replace_modules(model, nn.BatchNorm2d, ChannelAffine)
+    return view.eval(), f"{n} BatchNorms (after an activation, not foldable into a conv) as per-channel affine mul/add"
 
 
 register(Family(name="convmixer", title="ConvMixer", spec_cls=ConvMixerSpec, variants=VARIANTS,

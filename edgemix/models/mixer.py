@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from edgemix.models.registry import Family, SpecBase, register
+from edgemix.models.registry import Family, SpecBase, import_same_keys, register
 
 
 @dataclass(frozen=True)
@@ -210,16 +210,7 @@ def fold_layernorm_affine(model: MlpMixer) -> tuple[MlpMixer, int]:
     return folded, len(pairs)
 
 
-def _import_timm(sd: dict, spec: MixerSpec) -> tuple[dict, list[str]]:
-    """timm's MlpMixer uses this module's key names (Google's JAX .npz goes through checkpoints.py)."""
-    out, unexpected = {}, []
-    for k, v in sd.items():
-        if isinstance(v, torch.Tensor):
-            out[k.removeprefix("model.")] = v.float()
-        else:
-            unexpected.append(k)
-    return out, unexpected
-
-
 register(Family(name="mixer", title="MLP-Mixer", spec_cls=MixerSpec, variants=VARIANTS, paper_names=PAPER_NAMES,
-                build=build_model, import_state_dict=_import_timm, default_weights={"fmnist": "fmnist.pt"}))
+                build=build_model, import_state_dict=import_same_keys,  # timm's keys are ours;
+                # Google's JAX .npz goes through checkpoints.py
+                default_weights={"fmnist": "fmnist.pt"}))

@@ -177,3 +177,21 @@ def check_ops(model: nn.Module, spec, backend: str) -> None:
             what = f"the op {found.group(1)} has no ONNX export" if found else _first_line(e)
             raise UsageError(f"{spec.name} cannot be exported to ONNX for TensorRT: {what}",
                              hint="replace the op in the module, or build for another target") from None
+
+
+def replace_modules(model: nn.Module, kind: type, make) -> tuple[nn.Module, int]:
+    """A new module tree over the same parameter tensors (the caller's model untouched, no weight
+    copied) with every submodule of type ``kind`` replaced by ``make(it)``; returns it and the count.
+    How the export forms rewrite one op everywhere (LayerNorm, BatchNorm)."""
+    import copy
+
+    shared = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    view = copy.deepcopy(model, memo=shared)
+    n = 0
+    for parent in list(view.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, kind):
+                setattr(parent, name, make(child))
+                n += 1
+    return view, n
+

@@ -116,6 +116,18 @@ class Family:
 FAMILIES: dict[str, Family] = {}
 
 
+def import_same_keys(sd: dict, spec) -> tuple[dict, list[str]]:
+    """The importer of a family whose module names are the authors' (timm's Mixer, ViP): tensors as
+    float32 with a leading "model." dropped; anything that is not a tensor is unexpected."""
+    out, unexpected = {}, []
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor):
+            out[k.removeprefix("model.")] = v.float()
+        else:
+            unexpected.append(k)
+    return out, unexpected
+
+
 def register(family: Family) -> Family:
     FAMILIES[family.name] = family
     return family

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from edgemix.errors import UsageError
-from edgemix.models.registry import IMAGENET, Family, SpecBase, register
+from edgemix.models.registry import IMAGENET, Family, SpecBase, import_same_keys, register
 
 
 @dataclass(frozen=True)
@@ -224,16 +224,5 @@ def build_model(spec: ViPSpec) -> VisionPermutator:
     return VisionPermutator(spec)
 
 
-def _import_authors(sd: dict, spec: ViPSpec) -> tuple[dict, list[str]]:
-    """The authors' checkpoints use this module's key names (EMA or not, unwrapped by checkpoints.py)."""
-    out, unexpected = {}, []
-    for k, v in sd.items():
-        if isinstance(v, torch.Tensor):
-            out[k.removeprefix("model.")] = v.float()
-        else:
-            unexpected.append(k)
-    return out, unexpected
-
-
 register(Family(name="vip", title="Vision Permutator", spec_cls=ViPSpec, variants=VARIANTS, paper_names=PAPER_NAMES,
-                build=build_model, import_state_dict=_import_authors))
+                build=build_model, import_state_dict=import_same_keys))  # the authors' key names are ours

@@ -38,17 +38,7 @@ class XnnpackLayerNorm(nn.Module):
 
 
 def decompose_layernorms(model: nn.Module) -> tuple[nn.Module, int]:
-    """A new module tree over the same parameter tensors (the caller's model untouched, no weight
-    copied) with every LayerNorm as an :class:`XnnpackLayerNorm`; returns it and how many there were."""
-    import copy
+    """The model with every LayerNorm as an :class:`XnnpackLayerNorm` (shared weights); and how many."""
+    from edgemix.models.module import replace_modules
 
-    shared = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    view = copy.deepcopy(model, memo=shared)
-    n = 0
-    for parent in list(view.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.LayerNorm):
-                setattr(parent, name, XnnpackLayerNorm(child))
-                n += 1
-    return view, n
-
+    return replace_modules(model, nn.LayerNorm, XnnpackLayerNorm)
