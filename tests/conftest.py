@@ -25,7 +25,7 @@ def _build_cache(tmp_path_factory):
             (shared / kind).mkdir(parents=True, exist_ok=True)
             (fresh / kind).symlink_to(shared / kind, target_is_directory=True)
         except OSError:
-            pass  # an unwritable home: this session builds its own
+            pass  # an unwritable home: this test run builds its own
     os.environ["EDGEMIX_CACHE_DIR"] = str(fresh)
     yield
     if old is None:
