@@ -175,4 +175,4 @@ def export_form(model: ConvMixer) -> tuple[nn.Module, str]:
 
 register(Family(name="convmixer", title="ConvMixer", spec_cls=ConvMixerSpec, variants=VARIANTS,
                 paper_names=PAPER_NAMES, build=build_model, import_state_dict=import_state_dict,
-                export_form=export_form))
+                export_form=export_form, default_weights={"convmixer-fmnist": "convmixer-fmnist.pt"}))
