@@ -132,9 +132,15 @@ def test_timm_state_dict(jax_npz, tmp_path, suffix):
 
 
 def test_edgemix_checkpoint_roundtrip(tmp_path):
+    torch.manual_seed(0)
     src = build_model(SPEC)
+    with torch.no_grad():  # the head starts at zero: give every weight a value, so an unloaded one shows
+        for p in src.parameters():
+            p.normal_(0, 0.5)
     save_checkpoint(tmp_path / "m.pt", src, {"note": "unit"})
     dst = build_model(SPEC)
+    x0 = torch.randn(2, 3, 8, 8)
+    assert not torch.allclose(dst.eval()(x0), src.eval()(x0))  # a fresh model differs before loading
     prov = load_weights(dst, tmp_path / "m.pt")
     assert prov["format"] == "edgemix" and prov["meta"] == {"note": "unit"}
     x = torch.randn(2, 3, 8, 8)

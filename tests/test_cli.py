@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from conftest import assert_clean_error, run_cli
 
 
@@ -61,3 +63,24 @@ def test_eval_errors(tmp_path):
     bad_target = tmp_path / "t.toml"
     bad_target.write_text("backend = 3\n")
     assert_clean_error(run_cli("eval", "--device", "gpu"), 2, "unknown device 'gpu'")
+
+
+def test_eval_device_cuda_without_cuda_is_a_usage_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: test_eval_reference_on_cuda runs instead")
+    assert_clean_error(run_cli("eval", "--device", "cuda"), 2, "--device cuda was asked for but no CUDA device")
+
+
+@pytest.mark.gpu
+def test_eval_reference_on_cuda():
+    """The FP32 reference on the GPU gives the CPU's top-1 (argmax over fp32 logits; a flip needs a
+    near-tie, and 1,000 images allow at most 2)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device visible to torch")
+    cpu = json.loads(run_cli("eval", "--device", "cpu", "--json").stdout)
+    gpu = json.loads(run_cli("eval", "--device", "cuda", "--json").stdout)
+    assert gpu["device"] == "cuda" and abs(gpu["top1"] - cpu["top1"]) <= 0.002
