@@ -147,7 +147,7 @@ def train_cmd(
     from edgemix.errors import UsageError
     from edgemix.models import build_model, resolve_spec
     from edgemix.models.checkpoints import load_weights
-    from edgemix.train import TrainConfig, check_run_folder, train
+    from edgemix.train import TrainConfig, check_run_folder, seed_everything, train
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, threads=threads, augment=augment,
                       label_smoothing=label_smoothing, weight_decay=weight_decay, warmup_epochs=warmup_epochs)
@@ -165,6 +165,7 @@ def train_cmd(
         spec = spec.with_overrides(num_classes=classes)
     check_labels(train_set, spec.num_classes, data)
     check_labels(eval_set, spec.num_classes, eval_data or data)
+    seed_everything(seed)  # the initial weights too: the same command gives the same run
     net = build_model(spec)
     if weights is not None and resume is None:
         load_weights(net, weights, reset_head=reset_head)
