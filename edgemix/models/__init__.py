@@ -40,6 +40,13 @@ def resolve_spec(alias: str, img_size: int | None = None, num_classes: int | Non
     return VARIANTS[key].with_overrides(img_size=img_size, num_classes=num_classes)
 
 
+def _alias_of(alias: str | None, stored) -> str:
+    """The alias as given; else what an edgemix checkpoint's stored spec names; else the shipped fmnist."""
+    if alias is None and stored is not None and stored.name in VARIANTS:
+        return stored.name
+    return alias or "fmnist"
+
+
 def spec_for(alias: str | None, weights=None, img_size: int | None = None, num_classes: int | None = None):
     """The spec a build or evaluation will use, without loading weights: what a Keras file or an edgemix
     checkpoint holds when ``alias`` is None (or for a Keras file, always), else the alias's."""
@@ -48,11 +55,8 @@ def spec_for(alias: str | None, weights=None, img_size: int | None = None, num_c
 
     if weights is not None and is_keras_file(weights) and Path(weights).is_file():
         return read_keras_mixer(weights)[0].with_overrides(img_size=img_size, num_classes=num_classes)
-    if alias is None and weights is not None:
-        stored = spec_from_checkpoint(weights)
-        if stored is not None and stored.name in VARIANTS:
-            alias = stored.name
-    return resolve_spec(alias or "fmnist", img_size, num_classes)
+    stored = spec_from_checkpoint(weights) if alias is None and weights is not None else None
+    return resolve_spec(_alias_of(alias, stored), img_size, num_classes)
 
 
 def load_model(alias: str | None, weights: str | Path | None = None, img_size: int | None = None,
@@ -81,8 +85,7 @@ def load_model(alias: str | None, weights: str | Path | None = None, img_size: i
         return model.eval(), {"path": str(path), "format": "keras", "sha256": file_sha256(path), "reset": reset,
                               "meta": {}}
     stored = spec_from_checkpoint(weights) if weights is not None else None
-    if alias is None:
-        alias = stored.name if stored is not None and stored.name in VARIANTS else "fmnist"
+    alias = _alias_of(alias, stored)
     spec = resolve_spec(alias, img_size, num_classes)
     if weights is None and alias in DEFAULT_WEIGHTS and DEFAULT_WEIGHTS[alias].is_file():
         weights = DEFAULT_WEIGHTS[alias]
