@@ -97,7 +97,7 @@ def load_inputs(ctx: BuildContext, module: torch.nn.Module | None = None, calib_
         from edgemix.models import load_model
 
         model, weights = load_model(cfg.model, cfg.weights, img_size=cfg.image_size, num_classes=cfg.num_classes,
-                                    reset_head=cfg.reset_head, allow_random=cfg.random_weights)
+                                    reset_head=cfg.reset_head, random_init=cfg.random_weights)
         spec = model.spec
     calib_set = _data(recipe.data, recipe.split, calib_data)
     calib_set = calib_set.subset(stratified_indices(calib_set.labels, recipe.images, recipe.seed))

@@ -19,7 +19,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from edgemix.backends.base import BuildJob, batched_predict, get_backend
-from edgemix.backends.tensorrt.export import export_onnx, op_counts, simplify_onnx
+from edgemix.backends.onnx_graph import op_counts
+from edgemix.backends.tensorrt.export import check_dq_kept, export_onnx, simplify_onnx
 from edgemix.backends.tensorrt import OnnxRuntimePredictor, tensorrt_status
 from edgemix.backends.tensorrt.rules import check_tensorrt_compat
 from edgemix.config import resolve_recipe, resolve_target
@@ -484,6 +485,48 @@ def test_onnxsim_keeps_qdq():
     m = qdq_matmul()
     simplified = simplify_onnx(m)
     assert op_counts(simplified)["QuantizeLinear"] == op_counts(simplified)["DequantizeLinear"] == 2
+
+
+def _shared_kernel_graph() -> onnx.ModelProto:
+    """Two MatMuls whose weights are one Constant through two identical Q/DQ pairs (what the exporter
+    writes for CycleFC's fixed shift kernel, shared by the blocks of a stage)."""
+    k = np.eye(4, dtype=np.float32)
+    nodes = [helper.make_node("Constant", [], ["K"], value=numpy_helper.from_array(k)),
+             helper.make_node("QuantizeLinear", ["input", "a_s", "zp"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "a_s", "zp"], ["x"])]
+    x = "x"
+    for i in range(2):
+        nodes += [helper.make_node("QuantizeLinear", ["K", "w_s", "zp"], [f"kq{i}"]),
+                  helper.make_node("DequantizeLinear", [f"kq{i}", "w_s", "zp"], [f"k{i}"]),
+                  helper.make_node("MatMul", [x, f"k{i}"], [f"y{i}"], name=f"fc{i}")]
+        x = f"y{i}"
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "a_s"),
+             numpy_helper.from_array(np.array(1 / 127, np.float32), "w_s"),
+             numpy_helper.from_array(np.array(0, np.int8), "zp")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_onnxsim_may_merge_identical_qdq_pairs():
+    """onnxsim merges the duplicate Q/DQ pair: fewer Q/DQ nodes, but both MatMuls still read a
+    dequantized weight and compute what they did, so the result is accepted (CycleMLP jetson builds
+    were refused before this)."""
+    m = _shared_kernel_graph()
+    simplified = simplify_onnx(m)
+    assert op_counts(simplified)["DequantizeLinear"] < op_counts(m)["DequantizeLinear"]
+    x = np.random.default_rng(0).standard_normal((1, 4)).astype(np.float32)
+    np.testing.assert_array_equal(_ort(simplified, x), _ort(m, x))
+
+
+def test_a_qdq_pair_folded_to_float_is_refused():
+    m = _shared_kernel_graph()
+    folded = onnx.ModelProto()
+    folded.CopyFrom(m)
+    fc1 = next(n for n in folded.graph.node if n.name == "fc1")
+    fc1.input[1] = "K"  # the second weight read in float: that layer would silently leave INT8
+    with pytest.raises(RuntimeError, match=r"fewer dequantized inputs \{'MatMul': \(3, 2\)\}"):
+        check_dq_kept(m, folded)
 
 
 # ---------------------------------------------------------------- S/16 (long)

@@ -211,3 +211,20 @@ def test_model_without_weights_needs_explicit_random(tmp_path):
         load_model("s32")
     model, prov = load_model("s32", allow_random=True, img_size=64)
     assert prov["format"] == "random-init" and model.spec.img_size == 64
+
+
+def test_random_weights_means_random_even_where_weights_ship(tmp_path):
+    """--random-weights (random_init) is what it says for a model with shipped weights too, and
+    seeded; asking for it beside --weights is a usage error, not a silent choice."""
+    from edgemix.errors import UsageError
+
+    trained, prov = load_model("fmnist")
+    assert prov["format"] != "random-init"
+    a, prov_a = load_model("fmnist", random_init=True)
+    b, _ = load_model("fmnist", random_init=True)
+    assert prov_a["format"] == "random-init" and prov_a["path"] is None
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x)) and not torch.allclose(a(x), trained(x))
+    with pytest.raises(UsageError, match="--random-weights and --weights"):
+        load_model("fmnist", tmp_path / "w.pt", random_init=True)

@@ -60,6 +60,23 @@ def op_counts(proto: onnx.ModelProto) -> Counter:
     return Counter(n.op_type for n in proto.graph.node)
 
 
+def dequantized_inputs(proto: onnx.ModelProto) -> Counter:
+    """Per op type (Q/DQ themselves aside, and Shape/Size, which read no values), how many node inputs
+    a DequantizeLinear produces: what a graph rewrite must not lower, whatever it does to the Q/DQ
+    nodes themselves (two identical Q/DQ pairs merged into one that feeds both consumers computes the
+    same INT8 graph)."""
+    producers, _ = graph_maps(proto.graph)
+    fed = Counter()
+    for n in proto.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear", "Shape", "Size"):
+            continue
+        for i in n.input:
+            p = producers.get(i)
+            if p is not None and p.op_type == "DequantizeLinear":
+                fed[n.op_type] += 1
+    return fed
+
+
 def walk_to_dq(producers, tensor: str) -> tuple[list, object | None]:
     """From a GEMM input up through the ops TensorRT moves DQ past: (those ops, nearest to the GEMM
     first; the DequantizeLinear they lead to, or None when the input is not dequantized)."""

@@ -60,18 +60,25 @@ def spec_for(alias: str | None, weights=None, img_size: int | None = None, num_c
 
 
 def load_model(alias: str | None, weights: str | Path | None = None, img_size: int | None = None,
-               num_classes: int | None = None, reset_head: bool = False, allow_random: bool = False):
+               num_classes: int | None = None, reset_head: bool = False, allow_random: bool = False,
+               random_init: bool = False):
     """Build a model and load its weights: ``weights``, else the shipped default for the alias.
 
     ``alias`` may be None when the file itself tells the architecture (an edgemix checkpoint, a
     Keras ``.keras`` / ``.weights.h5`` Mixer); without either it is the shipped ``fmnist``.
     Returns (model in eval mode, provenance dict). A model with no weights is only built when
-    ``allow_random`` is set (benchmarks of latency and size do not need trained weights).
+    ``allow_random`` is set (benchmarks of latency and size do not need trained weights);
+    ``random_init`` (``--random-weights``) builds seeded random weights even where a default ships.
     """
     from edgemix.errors import CheckpointError
     from edgemix.models.checkpoints import check_and_load, load_weights, spec_from_checkpoint
     from edgemix.models.keras import is_keras_file, read_keras_mixer
 
+    if random_init and weights is not None:
+        from edgemix.errors import UsageError
+
+        raise UsageError(f"--random-weights and --weights {weights} ask for different weights",
+                         hint="leave out one of them")
     if weights is not None and is_keras_file(weights):
         from edgemix.fileutil import file_sha256
 
@@ -87,14 +94,14 @@ def load_model(alias: str | None, weights: str | Path | None = None, img_size: i
     stored = spec_from_checkpoint(weights) if weights is not None else None
     alias = _alias_of(alias, stored)
     spec = resolve_spec(alias, img_size, num_classes)
-    if weights is None and alias in DEFAULT_WEIGHTS and DEFAULT_WEIGHTS[alias].is_file():
+    if weights is None and not random_init and alias in DEFAULT_WEIGHTS and DEFAULT_WEIGHTS[alias].is_file():
         weights = DEFAULT_WEIGHTS[alias]
         stored = spec_from_checkpoint(weights)
     if stored is not None and stored.name == spec.name:
         # an edgemix checkpoint knows its own image size and class count
         spec = stored.with_overrides(img_size=img_size, num_classes=num_classes)
     if weights is None:
-        if not allow_random:
+        if not (allow_random or random_init):
             raise CheckpointError(
                 f"model '{alias}' has no shipped weights and no --weights was given",
                 hint="pass --weights FILE (an edgemix .pt, a timm .pth/.safetensors, an official JAX .npz or a "

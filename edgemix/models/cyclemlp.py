@@ -272,4 +272,5 @@ def import_state_dict(sd: dict, spec: CycleMLPSpec) -> tuple[dict, list[str]]:
 
 
 register(Family(name="cyclemlp", title="CycleMLP", spec_cls=CycleMLPSpec, variants=VARIANTS,
-                paper_names=PAPER_NAMES, build=build_model, import_state_dict=import_state_dict))
+                paper_names=PAPER_NAMES, build=build_model, import_state_dict=import_state_dict,
+                default_weights={"cyclemlp-fmnist": "cyclemlp-fmnist.pt"}))

@@ -225,4 +225,5 @@ def build_model(spec: ViPSpec) -> VisionPermutator:
 
 
 register(Family(name="vip", title="Vision Permutator", spec_cls=ViPSpec, variants=VARIANTS, paper_names=PAPER_NAMES,
-                build=build_model, import_state_dict=import_same_keys))  # the authors' key names are ours
+                build=build_model, import_state_dict=import_same_keys,  # the authors' key names are ours
+                default_weights={"vip-fmnist": "vip-fmnist.pt"}))

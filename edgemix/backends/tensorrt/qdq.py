@@ -201,12 +201,16 @@ def to_tensorrt_layout(proto: onnx.ModelProto):
     * unsigned (uint8) Q/DQ pairs, which TensorRT rejects: re-expressed as int8 with zero point 0
       covering the same range (scale * 255/127). NNCF emits them for never-negative activations;
     * weights stored in FP32 behind a QuantizeLinear: quantized once here and stored as INT8
-      initializers read by the DequantizeLinear alone (see :func:`_int8_weights`).
+      initializers read by the DequantizeLinear alone (see :func:`_int8_weights`). A weight the
+      exporter wrote as a Constant node (a buffer such as CycleFC's fixed shift kernel) is made an
+      initializer first, so that it is recognised, checked and stored as the weight it is.
     """
     graph = proto.graph
+    stale: set[str] = set()  # tensors whose recorded shape or type the rewrite changes
+    fixes = _constant_weights_as_initializers(graph, stale)
     inits = {i.name: i for i in graph.initializer}
     producers, consumers = graph_maps(graph)
-    fixes, dead, stale = [], [], set()
+    dead = []
     for t in [n for n in graph.node if n.op_type == "Transpose"]:
         dq = producers.get(t.input[0])
         if dq is None or dq.op_type != "DequantizeLinear" or len(consumers.get(dq.output[0], [])) != 1:
@@ -242,6 +246,23 @@ def to_tensorrt_layout(proto: onnx.ModelProto):
     del graph.value_info[:]
     graph.value_info.extend(kept)
     return proto, fixes
+
+
+def _constant_weights_as_initializers(graph, stale: set) -> list[str]:
+    """Constant nodes whose tensor only QuantizeLinear nodes read (weights) become initializers."""
+    _, consumers = graph_maps(graph)
+    moved = []
+    for n in [n for n in graph.node if n.op_type == "Constant"]:
+        value = attr(n, "value")
+        readers = consumers.get(n.output[0], [])
+        if (value is None or not readers or any(r.op_type != "QuantizeLinear" or r.input[0] != n.output[0]
+                                                for r in readers)):
+            continue
+        graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(value), n.output[0]))
+        graph.node.remove(n)
+        moved.append(n.output[0])
+        stale.add(n.output[0])  # it is stored as INT8 below
+    return [f"stored {len(moved)} constant weights as initializers"] if moved else []
 
 
 def _signed_int8(graph, stale: set) -> list[str]:
