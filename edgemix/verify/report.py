@@ -33,14 +33,19 @@ def library_versions() -> dict[str, str | None]:
 
 
 def git_commit() -> str | None:
-    """The commit of the edgemix checkout this runs from; None for an installed wheel (whose folder is
-    not a checkout: asking git there would name whatever repository happens to enclose it)."""
+    """The commit of the edgemix checkout this runs from, with ``+dirty`` when tracked files differ
+    from it (the figures then come from code no commit holds); None for an installed wheel (whose
+    folder is not a checkout: asking git there would name whatever repository happens to enclose it)."""
     checkout = Path(__file__).resolve().parents[2]
     if not (checkout / ".git").exists() or not (checkout / "pyproject.toml").is_file():
         return None
     try:
         p = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=checkout)
-        return p.stdout.strip() or None if p.returncode == 0 else None
+        if p.returncode != 0 or not p.stdout.strip():
+            return None
+        d = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True, timeout=5, cwd=checkout)
+        return p.stdout.strip() + ("+dirty" if d.returncode == 0 and d.stdout.strip() else "")
     except (OSError, subprocess.TimeoutExpired):
         return None
 
