@@ -266,6 +266,9 @@ def build_cmd(
     cache: bool = typer.Option(True, "--cache/--no-cache",
                                help="Reuse FP32 reference logits and the FP32 comparison artifact from "
                                     "$EDGEMIX_CACHE_DIR (default ~/.cache/edgemix), keyed by content."),
+    device: str = typer.Option("auto", "--device", help="Where the FP32 work runs (reference, calibration, "
+                                                        "QAT): auto (CUDA when present), cuda or cpu. The "
+                                                        "artifact is always verified on the host CPU."),
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
 ):
@@ -284,7 +287,8 @@ def build_cmd(
         train_data=train_data, out=out, quiet=quiet, verbose=verbose, backend_options=options, fallback=fallback,
         random_weights=random_weights, image_size=image_size, num_classes=num_classes, reset_head=reset_head,
         qat_epochs=qat_epochs, qat_lr=qat_lr, eval_limit=eval_limit, threads=threads, latency_runs=latency_runs,
-        latency_seconds=latency_seconds, compare_fp32=compare_fp32, isa_check=isa_check, force=force, cache=cache)
+        latency_seconds=latency_seconds, compare_fp32=compare_fp32, isa_check=isa_check, force=force, cache=cache,
+        device=device)
     report, d = result.report, result.drift
     typer.echo(f"{report['model']} -> {report['target']} {report['precision']}: top-1 "
                f"{100 * d.reference_top1:.2f}% (FP32) -> {100 * d.deployed_top1:.2f}% "

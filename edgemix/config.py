@@ -126,10 +126,18 @@ def build_config(**fields) -> "BuildConfig":
     try:
         return BuildConfig(**fields)
     except ValidationError as e:
-        bad = [f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-')} {err.get('input')!r}: {err['msg']}"
-               for err in e.errors()]
+        from edgemix.errors import closest
+
+        bad, near = [], []
+        for err in e.errors():
+            bad.append(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-')} {err.get('input')!r}: {err['msg']}")
+            expected = (err.get("ctx") or {}).get("expected")  # a literal's choices: "'auto', 'cpu' or 'cuda'"
+            if err["type"] == "literal_error" and expected and isinstance(err.get("input"), str):
+                match = closest(err["input"], [c.strip(" '") for c in expected.replace(" or ", ",").split(",")])
+                if match:
+                    near.append(f"did you mean '{match}'?")
         raise UsageError(f"invalid build option(s): {'; '.join(bad)}",
-                         hint="see edgemix build --help for each option's meaning") from None
+                         hint=" ".join(near) or "see edgemix build --help for each option's meaning") from None
 
 
 def _read_toml(path: Path, what: str) -> dict:
@@ -235,7 +243,9 @@ class BuildConfig(_Strict):
     cache: bool = True  # reuse the FP32 reference logits and FP32 comparison artifact (edgemix.cache)
     out: str
     force: bool = False
-    reference_device: Literal["auto", "cpu", "cuda"] = "auto"
+    # where the FP32 work runs (the reference, calibration's forward, QAT); the artifact is always
+    # verified and timed on the host CPU. auto: CUDA when torch sees it (edgemix.devices)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     backend_options: dict = Field(default_factory=dict)
 
 

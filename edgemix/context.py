@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
-from edgemix import outdir
+from edgemix import devices, outdir
 from edgemix.backends.base import Backend, get_backend
 from edgemix.config import BuildConfig, CalibRecipe, TargetProfile, resolve_recipe, resolve_target
 from edgemix.data import ImageSet, check_labels, load_dataset, stratified_indices, to_model_input
@@ -35,6 +35,7 @@ class BuildContext:
     out: Path
     threads: int
     isa: bool  # verify the .pte on arm64 kernels under qemu (phone targets)
+    devices: dict  # edgemix.devices.plan: which device runs the reference, calibration, QAT
 
 
 def resolve(cfg: BuildConfig) -> BuildContext:
@@ -56,7 +57,8 @@ def resolve(cfg: BuildConfig) -> BuildContext:
     if isa:
         backend.check_isa_toolchain()
     return BuildContext(cfg=cfg, target=target, backend=backend, options=options, recipe=resolve_recipe(cfg.calib),
-                        out=outdir.final_path(cfg.out), threads=cfg.threads or target.threads, isa=isa)
+                        out=outdir.final_path(cfg.out), threads=cfg.threads or target.threads, isa=isa,
+                        devices=devices.plan(cfg.device))
 
 
 @dataclass(frozen=True)

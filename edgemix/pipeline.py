@@ -28,7 +28,7 @@ from edgemix.data import ImageSet, to_model_input
 from edgemix.verify import report as rep
 from edgemix.verify.drift import drift_metrics
 from edgemix.verify.latency import measure_interleaved, summarize
-from edgemix.verify.reference import cached_reference_logits, pick_device
+from edgemix.verify.reference import cached_reference_logits
 
 def target_label(target) -> str:
     short = {v: k for k, v in ALIASES.items()}
@@ -197,7 +197,7 @@ class Timing:
 
 def _reference(ctx: BuildContext, inp: BuildInputs, model_key: str | None, stages: Stages) -> Reference:
     t = time.perf_counter()
-    device = pick_device(ctx.cfg.reference_device)
+    device = ctx.devices["reference"]
     logits, cached = cached_reference_logits(inp.model, inp.eval_set, inp.spec, device, model_key is not None,
                                              model_key)
     stages("reference", f"FP32 logits of {len(inp.eval_set)} images on {device}"
@@ -224,7 +224,7 @@ def _lower(stage_dir: Path, ctx: BuildContext, inp: BuildInputs, ref: Reference,
                                  warmup_epochs=0.0, seed=recipe.seed, augment=False, label_smoothing=0.0,
                                  weight_decay=0.0),
         bundle_inputs=eval_inputs[:bundle_n], bundle_outputs=torch.from_numpy(ref.logits[:bundle_n]),
-        options=dict(cfg.backend_options), stage=stages,
+        options=dict(cfg.backend_options), stage=stages, device=ctx.devices["calibration"],
     )
     artifact = ctx.backend.build(job)
     if cfg.fallback and cfg.precision == "int8":
@@ -312,6 +312,7 @@ def assemble_report(ctx: BuildContext, inp: BuildInputs, ref: Reference, artifac
         "artifact": {"bytes": files["model"]["bytes"], "files": files, "batch_size": artifact.batch_size,
                      "dynamic_batch": artifact.dynamic_batch},
         "evaluation": {"data": inp.eval_set.source, "samples": len(inp.eval_set)},
+        "devices": ctx.devices,
         "reference": {"device": ref.device, "top1": drift["reference_top1"], "samples": len(inp.eval_set),
                       "from_cache": ref.from_cache},
         "deployed": {"runtime": artifact.runtime, "top1": drift["deployed_top1"]},

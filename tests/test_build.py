@@ -12,6 +12,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import numpy_helper
 
 from conftest import assert_clean_error, run_cli
@@ -82,6 +83,11 @@ def test_phone_build_artifacts_and_report(phone):
     assert dele["delegated"]["aten.linear.default"] >= 4 * 4 + 1 + 1
     assert r["fp32_comparison"]["size_ratio"] < 0.35
     assert r["reference"]["from_cache"] is False and r["fp32_comparison"]["fp32_from_cache"] is False
+    # which device did what: without CUDA all FP32 work on the CPU; the artifact always on the host CPU
+    if not torch.cuda.is_available():
+        assert {k: r["devices"][k] for k in ("reference", "calibration", "qat", "artifact")} == dict.fromkeys(
+            ("reference", "calibration", "qat", "artifact"), "cpu")
+        assert r["devices"]["cuda_name"] is None and r["reference"]["device"] == "cpu"
 
 
 @pytest.mark.parametrize("which", ["phone", "jetson"])
@@ -335,6 +341,11 @@ def test_bad_build_requests_fail_fast_and_keep_previous_build(phone, tmp_path):
                        2, "--qat-epochs 1.0 needs --precision int8")
     assert_clean_error(run_cli("build", "--target", "phone", "--precision", "fp16", "--out", out), 2, "fp16")
     assert_clean_error(run_cli("build", "--target", "phne"), 2, "did you mean 'phone'")
+    assert_clean_error(run_cli("build", "--target", "phone", "--device", "cdua", "--out", out), 2,
+                       "did you mean 'cuda'")
+    if not torch.cuda.is_available():
+        assert_clean_error(run_cli("build", "--target", "phone", "--device", "cuda", "--out", out), 2,
+                           "--device cuda was asked for but no CUDA device")
     assert_clean_error(run_cli("build", "--target", "phone", "--image-size", "32", "--out", out), 2,
                        "wrong-shaped", "--image-size")
     (tmp_path / "empty" / "cls").mkdir(parents=True)

@@ -38,6 +38,7 @@ class BuildJob:
     bundle_inputs: torch.Tensor | None = None  # reference inputs carried in the bundled program
     bundle_outputs: torch.Tensor | None = None  # the FP32 reference's outputs for them
     options: dict = field(default_factory=dict)  # backend-specific switches (e.g. keep-fp32 layers)
+    device: str = "cpu"  # where calibration's FP32 forward and QAT run ("cpu" or "cuda"); the artifact is CPU
     stage: Callable[[str, str, float, int | None], None] = lambda *a: None  # one line per stage
 
 

@@ -12,16 +12,9 @@ from edgemix.errors import UsageError
 
 
 def pick_device(requested: str = "auto") -> str:
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA device is visible to torch",
-                         hint="use --device auto or cpu")
-    if requested not in ("cuda", "cpu"):
-        from edgemix.errors import unknown_choice
+    from edgemix.devices import plan
 
-        raise unknown_choice("device", requested, ["auto", "cuda", "cpu"])
-    return requested
+    return plan(requested)["reference"]
 
 
 @torch.no_grad()

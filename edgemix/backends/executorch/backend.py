@@ -65,7 +65,8 @@ class ExecuTorchBackend(Backend):
             t0 = time.perf_counter()
             if job.qat_epochs > 0:
                 converted = pt2e.qat(model, job.spec, job.train_set, job.qat_epochs, job.train_config,
-                                     job.calib_inputs, job.recipe.observer, job.recipe.percentile, float_modules)
+                                     job.calib_inputs, job.recipe.observer, job.recipe.percentile, float_modules,
+                                     device=job.device)
                 quant.update(observer=f"{job.recipe.observer} (calibrated, then frozen for QAT)",
                              qat_epochs=float(job.qat_epochs), calibration_images=len(job.calib_inputs),
                              qat_train_images=len(job.train_set))
@@ -79,7 +80,7 @@ class ExecuTorchBackend(Backend):
                 observed = exported if calib_batch == batch else pt2e.export_model(
                     model, job.calib_inputs[:calib_batch].float(), dynamic_batch=True, max_batch=max(calib_batch, 2))
                 converted = pt2e.ptq(observed, job.calib_inputs, calib_batch, job.recipe.observer,
-                                     job.recipe.percentile, float_modules)
+                                     job.recipe.percentile, float_modules, device=job.device)
                 quant.update(observer=job.recipe.observer, calibration_images=len(job.calib_inputs))
                 if job.recipe.observer == "percentile":
                     quant["percentile"] = job.recipe.percentile

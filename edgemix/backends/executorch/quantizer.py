@@ -19,6 +19,7 @@ from torchao.quantization.pt2e import HistogramObserver, MinMaxObserver, MovingA
 
 from edgemix import console
 from edgemix.batching import pad_to_batch
+from edgemix.devices import to_device
 from edgemix.errors import UsageError
 
 SCHEME = "pt2e-xnnpack symmetric int8, per-channel weights, per-tensor activations"
@@ -188,33 +189,37 @@ def make_quantizer(observer: str = "minmax", percentile: float = 99.99, qat: boo
 
 # ------------------------------------------------------------------------------- PTQ and QAT
 
-def calibrate(prepared, inputs: torch.Tensor, batch_size: int, desc: str = "calibrate") -> int:
+def calibrate(prepared, inputs: torch.Tensor, batch_size: int, desc: str = "calibrate", device: str = "cpu") -> int:
     """Run ``inputs`` through an observed graph in batches of the graph's fixed batch size.
 
     A last partial batch is filled with copies of its last image: the exported graph only takes
     full batches, and a repeated image cannot move a min-max range (it adds a few duplicate counts
-    to a histogram). Returns the number of batches run.
+    to a histogram). ``device``: where the observed graph already is (edgemix.devices). Returns the
+    number of batches run.
     """
     n = len(inputs)
     steps = math.ceil(n / batch_size)
     with torch.no_grad(), console.progress(desc, steps) as advance:
         for i in range(0, n, batch_size):
-            prepared(pad_to_batch(inputs[i:i + batch_size], batch_size))
+            prepared(to_device(pad_to_batch(inputs[i:i + batch_size], batch_size), device))
             advance(1)
     return steps
 
 
 def ptq(exported: torch.export.ExportedProgram, calib_inputs: torch.Tensor, batch_size: int,
-        observer: str = "minmax", percentile: float = 99.99, float_modules: tuple[type, ...] = ()):
-    """Post-training quantization of an exported graph; returns the converted (Q/DQ) GraphModule."""
+        observer: str = "minmax", percentile: float = 99.99, float_modules: tuple[type, ...] = (),
+        device: str = "cpu"):
+    """Post-training quantization of an exported graph; returns the converted (Q/DQ) GraphModule, on
+    the CPU. ``device``: where the calibration forward passes run (the observers' statistics come back
+    with the graph)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     if len(calib_inputs) == 0:
         raise UsageError("post-training quantization needs calibration images, got none",
                          hint="set images >= 1 in the calibration recipe")
     prepared = prepare_pt2e(exported.module(), make_quantizer(observer, percentile, False, float_modules))
-    calibrate(prepared, calib_inputs, batch_size)
-    return convert_pt2e(prepared)
+    calibrate(prepared.to(device), calib_inputs, batch_size, device=device)
+    return convert_pt2e(prepared.to("cpu"))
 
 
 def default_qat_config(epochs: float):
@@ -228,7 +233,7 @@ def default_qat_config(epochs: float):
 
 def qat(model: torch.nn.Module, spec, train_set, epochs: float, train_config=None,
         calib_inputs: torch.Tensor | None = None, observer: str = "minmax", percentile: float = 99.99,
-        float_modules: tuple[type, ...] = ()):
+        float_modules: tuple[type, ...] = (), device: str = "cpu"):
     """Quantization-aware fine-tuning; returns the converted GraphModule (batch dimension symbolic).
 
     QAT starts where PTQ ends: the activation ranges are calibrated on ``calib_inputs`` with the
@@ -269,16 +274,18 @@ def qat(model: torch.nn.Module, spec, train_set, epochs: float, train_config=Non
         (move_exported_model_to_train if flag else move_exported_model_to_eval)(prepared)
 
     set_train(False)
+    prepared.to(device)  # calibration and fine-tuning on ``device``; converted on the CPU
     prepared.apply(disable_fake_quant)
-    calibrate(prepared, calib_inputs, min(cfg.batch_size, len(calib_inputs)), desc="qat ranges")
+    calibrate(prepared, calib_inputs, min(cfg.batch_size, len(calib_inputs)), desc="qat ranges", device=device)
     prepared.apply(enable_fake_quant)
     for module in prepared.modules():
         if isinstance(module, FakeQuantizeBase) and module.qscheme in (torch.per_tensor_affine,
                                                                        torch.per_tensor_symmetric):
             module.disable_observer()  # activations: frozen; per-channel weight observers keep tracking
-    fit(prepared, list(prepared.parameters()), spec, train_set, cfg, set_train=set_train, desc="qat")
+    fit(prepared, list(prepared.parameters()), spec, train_set, cfg, set_train=set_train, desc="qat",
+        device=device)
     set_train(False)
-    return convert_pt2e(prepared)
+    return convert_pt2e(prepared.to("cpu"))
 
 
 # ------------------------------------------------------------------------------ what stays float

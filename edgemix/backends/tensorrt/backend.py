@@ -71,13 +71,14 @@ class TensorRTBackend(Backend):
         if job.precision == "int8":
             settings = qdq_settings(opts)
             t0 = time.perf_counter()
-            qmodel = qdq.quantize_ptq(job.model, job.calib_inputs, job.recipe, settings)
+            qmodel = qdq.quantize_ptq(job.model, job.calib_inputs, job.recipe, settings, device=job.device)
             job.stage("calibrate", f"INT8 ranges from {len(job.calib_inputs)} images ({quant_observer(job)})",
                       time.perf_counter() - t0, None)
             qat = None
             if job.qat_epochs:
                 t0 = time.perf_counter()
-                qat = qdq.finetune_qat(qmodel, spec, job.train_set, job.train_config, job.qat_epochs)
+                qat = qdq.finetune_qat(qmodel, spec, job.train_set, job.train_config, job.qat_epochs,
+                                       device=job.device)
                 job.stage("qat", f"{job.qat_epochs:g} epoch(s), {qat['steps']} steps of fake-quant fine-tuning",
                           time.perf_counter() - t0, None)
             t0 = time.perf_counter()

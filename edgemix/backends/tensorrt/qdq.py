@@ -12,6 +12,7 @@ reports the result so tests and the compatibility check can prove it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import io
 import logging
@@ -24,6 +25,7 @@ import torch
 from onnx import numpy_helper
 
 from edgemix import console
+from edgemix.devices import to_device
 from edgemix.backends.tensorrt.export import check_onnx, example_input, export_onnx
 from edgemix.backends.onnx_graph import GEMM_OPS, attr, dq_source, graph_maps, set_attr, walk_to_dq
 from edgemix.backends.tensorrt.rules import weight_channel_axis
@@ -142,23 +144,29 @@ class _CountingBatches:
 
 
 def quantize_ptq(model: torch.nn.Module, calib_inputs: torch.Tensor, recipe,
-                 settings: QDQSettings = QDQSettings()) -> torch.nn.Module:
-    """NNCF post-training quantization; returns a fake-quant copy of ``model`` (trainable for QAT)."""
+                 settings: QDQSettings = QDQSettings(), device: str = "cpu") -> torch.nn.Module:
+    """NNCF post-training quantization; returns a fake-quant copy of ``model`` (trainable for QAT), on
+    the CPU. ``device``: where the calibration forward passes run (``model`` itself is not moved)."""
     import nncf
 
     _use_eager_quant_kernels()
     bs = max(1, int(getattr(recipe, "batch_size", 32)))
-    batches = [calib_inputs[i:i + bs].contiguous() for i in range(0, len(calib_inputs), bs)]
+    batches = [to_device(calib_inputs[i:i + bs].contiguous(), device) for i in range(0, len(calib_inputs), bs)]
+    if device != "cpu":
+        model = copy.deepcopy(model).to(device)
     with console.progress(f"calibrating INT8 ({len(calib_inputs)} images)", None) as advance, _nncf_quietly():
         data = nncf.Dataset(_CountingBatches(batches, advance))
-        return nncf.quantize(
+        qmodel = nncf.quantize(
             model.eval(), data, preset=nncf.QuantizationPreset.PERFORMANCE,  # symmetric weights and activations
             model_type=nncf.ModelType.TRANSFORMER, subset_size=len(batches),
             ignored_scope=_ignored_scope(model, settings.keep_fp32), advanced_parameters=_advanced(recipe, settings))
+    return qmodel.to("cpu")
 
 
-def finetune_qat(qmodel: torch.nn.Module, spec, train_set, train_config, epochs: float) -> dict:
-    """Quantization-aware fine-tuning of NNCF's fake-quant model (weights and quantizer scales learn)."""
+def finetune_qat(qmodel: torch.nn.Module, spec, train_set, train_config, epochs: float,
+                 device: str = "cpu") -> dict:
+    """Quantization-aware fine-tuning of NNCF's fake-quant model (weights and quantizer scales learn),
+    on ``device``; the model is back on the CPU when this returns."""
     from edgemix.train import TrainConfig, fit, seed_everything
 
     # a fine-tuning default when the caller gives none: FP32 training's 2e-3 would undo the
@@ -166,9 +174,10 @@ def finetune_qat(qmodel: torch.nn.Module, spec, train_set, train_config, epochs:
     cfg = train_config or TrainConfig(lr=1e-4, warmup_epochs=0.1, weight_decay=0.0, batch_size=64)
     cfg = dataclasses.replace(cfg, epochs=float(epochs))
     seed_everything(cfg.seed)
+    qmodel.to(device)
     _, steps = fit(qmodel, [p for p in qmodel.parameters() if p.requires_grad], spec, train_set, cfg,
-                   desc="QAT fine-tuning")
-    qmodel.eval()
+                   desc="QAT fine-tuning", device=device)
+    qmodel.eval().to("cpu")
     return {"epochs": float(epochs), "steps": steps, "lr": cfg.lr, "batch_size": cfg.batch_size}
 
 
