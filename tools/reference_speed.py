@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -51,7 +52,7 @@ def main() -> None:
                      "images": n, "threads": torch.get_num_threads(), "seconds": times, "median_s": med,
                      "images_per_s": n / med})
         print(f"{dev}: {n} images in {med:.2f} s ({n / med:.0f} images/s)", flush=True)
-    result = {"model": spec.name, "params": sum(p.numel() for p in model.parameters()),
+    result = {"command": "python tools/reference_speed.py " + " ".join(sys.argv[1:]), "model": spec.name, "params": sum(p.numel() for p in model.parameters()),
               "torch": torch.__version__, "machine": machine_facts(),
               "date": time.strftime("%Y-%m-%d", time.gmtime()), "runs": rows}
     if a.out:
