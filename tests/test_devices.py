@@ -56,3 +56,36 @@ def test_phone_and_jetson_builds_do_the_fp32_work_on_cuda(tmp_path):
         r = json.loads((out / "report.json").read_text())
         assert [r["devices"][k] for k in ROLES] == ["cuda"] * 3 and r["devices"]["artifact"] == "cpu"
         assert r["reference"]["device"] == "cuda" and r["drift"]["agreement"] >= 0.95
+
+
+XEON_AMX = """processor\t: 0
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8 avx_vnni
+"""
+EPYC = """model name\t: AMD EPYC 7B13
+flags\t\t: fpu sse2 avx2 fma
+"""
+ORIN = """processor\t: 0
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp
+"""
+
+
+@pytest.mark.parametrize("text, isa", [
+    (XEON_AMX, ["avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"]),
+    (EPYC, ["avx2"]),
+    (ORIN, ["asimddp"]),
+    ("", []),
+])
+def test_host_facts_name_the_int8_and_bf16_instruction_sets(text, isa):
+    """Reports, the suite and the device script record these beside every figure (the same INT8
+    program is 0.19x torch eager on one x86 host and 0.32x on another with AMX)."""
+    from edgemix.resources import device_script
+
+    assert device_script().isa_features(text) == isa
+
+
+def test_machine_facts_carry_isa_and_threads():
+    from edgemix.verify.report import machine_facts
+
+    facts = machine_facts()
+    assert isinstance(facts["isa"], list) and facts["torch_threads"] == torch.get_num_threads() and facts["cpu"]

@@ -20,7 +20,7 @@ def _report(top1_int8=0.932, size=882856, model="vip-fmnist"):
             "fp32_comparison": {"fp32_bytes": 2991528, "fp32_p50_ms": 1.2, "latency_ratio": 0.75,
                                 "int8_faster": True},
             "provenance": {"date": "2026-11-30T16:00:00+00:00", "git_commit": "abc",
-                           "machine": {"cpu": "Some CPU", "cpus": 2}}}
+                           "machine": {"cpu": "Some CPU", "cpus": 2, "isa": ["avx2"]}}}
 
 
 def _run(*args):
@@ -39,7 +39,7 @@ def recorded(tmp_path):
 def test_record_holds_command_host_and_figures(recorded):
     r = json.loads(recorded.read_text())
     assert r["command"] == "edgemix build --target phone --model vip-fmnist"
-    assert r["host"] == {"cpu": "Some CPU", "cpus": 2, "threads": 2} and r["date"] == "2026-11-30"
+    assert r["host"] == {"cpu": "Some CPU", "cpus": 2, "isa": ["avx2"], "threads": 2} and r["date"] == "2026-11-30"
     assert (r["top1_fp32"], r["top1_deployed"], r["agreement"]) == (0.9333, 0.932, 0.9948)
     assert r["artifact_bytes"] == 882856 and r["int8_faster"] is True
 

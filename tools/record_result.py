@@ -32,7 +32,7 @@ def record(report: dict, command: str) -> dict:
         "command": command,
         "date": prov.get("date", "")[:10],
         "edgemix_commit": prov.get("git_commit"),
-        "host": {"cpu": machine.get("cpu"), "cpus": machine.get("cpus"),
+        "host": {"cpu": machine.get("cpu"), "cpus": machine.get("cpus"), "isa": machine.get("isa"),
                  "threads": (report.get("latency_ms") or {}).get("threads")},
         "model": report["model"], "target": report["target_alias"], "precision": report["precision"],
         "evaluation": report["evaluation"],

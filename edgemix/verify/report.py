@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -61,8 +62,16 @@ def cpu_model() -> str:
 
 
 def machine_facts() -> dict:
-    return {"hostname": platform.node(), "system": platform.system(), "arch": platform.machine(),
-            "cpu": cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    """The host beside every figure: CPU model, the INT8/BF16 instruction sets it has (hosts differ a
+    lot: torch's FP32 uses AMX where XNNPACK's INT8 does not), cores and the torch threads."""
+    from edgemix.resources import device_script
+
+    facts = {"hostname": platform.node(), "system": platform.system(), "arch": platform.machine(),
+             "cpu": cpu_model(), "cpus": os.cpu_count(), "isa": device_script().isa_features(),
+             "python": platform.python_version()}
+    if "torch" in sys.modules:
+        facts["torch_threads"] = sys.modules["torch"].get_num_threads()
+    return facts
 
 
 def build_metadata() -> dict:

@@ -79,6 +79,20 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
+# the CPU features that decide how fast INT8 and BF16 kernels can be (x86: VNNI dot products and AMX
+# tiles; Arm: the SDOT/UDOT dot product, I8MM matrix multiply, BF16), as /proc/cpuinfo spells them
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16",
+             "asimddp", "i8mm", "bf16", "sve", "sve2")
+
+
+def isa_features(cpuinfo=None):
+    """The INT8/BF16-relevant instruction sets this CPU reports (``flags`` on x86, ``Features`` on Arm)."""
+    info = read("/proc/cpuinfo") if cpuinfo is None else cpuinfo
+    m = re.search(r"^(?:flags|Features)\s*:\s*(.+)$", info or "", re.M)
+    have = set(m.group(1).split()) if m else set()
+    return [f for f in ISA_FLAGS if f in have]
+
+
 def tensorrt_version():
     try:
         import tensorrt
@@ -98,7 +112,7 @@ def gpu_name():
 
 def device_facts(threads):
     facts = {"hostname": platform.node(), "system": platform.system(), "kernel": platform.release(),
-             "arch": platform.machine(), "cpu": cpu_model(), "cpus": os.cpu_count(),
+             "arch": platform.machine(), "cpu": cpu_model(), "cpus": os.cpu_count(), "isa": isa_features(),
              "threads": threads, "python": platform.python_version()}
     if hasattr(os, "sched_getaffinity"):
         facts["cpus_usable"] = len(os.sched_getaffinity(0))
