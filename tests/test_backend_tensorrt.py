@@ -7,6 +7,7 @@ to a CUDA GPU, and skipped elsewhere with that reason.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -165,7 +166,7 @@ def _fake_tools(folder: Path, trt="10.3.0.30-1+cuda12.5", jetpack="6.1+b123", wi
     """A PATH with fake dpkg-query (the versions) and trtexec (records its arguments)."""
     folder.mkdir(exist_ok=True)
     (folder / "dpkg-query").write_text(f"""#!/bin/sh
-case "$*" in *libnvinfer-bin*) printf '%s' '{trt}' ;; *nvidia-jetpack*) printf '%s' '{jetpack}' ;; *) exit 1 ;; esac
+case "$*" in *libnvinfer-bin|*tensorrt) printf '%s' '{trt}' ;; *nvidia-jetpack*) printf '%s' '{jetpack}' ;; *) exit 1 ;; esac
 """)
     if with_trtexec:
         (folder / "trtexec").write_text('#!/bin/sh\necho "$@" > trtexec.args\n'
@@ -195,7 +196,18 @@ def test_build_engine_script_checks_the_device(int8_build, tmp_path):
     try:
         args = (folder / "trtexec.args").read_text()
         assert "--int8 --fp16" in args and "--maxShapes=input:8x1x28x28" in args
-        assert '"tensorrt": "10.3.0.30-1+cuda12.5"' in (folder / "fmnist_jetson_int8.engine.json").read_text()
+        # the provenance record the device runner checks before loading the engine: its format, and
+        # accepted for this machine's facts and the build's flags, refused for a --no-fp16 run
+        from edgemix.resources import device_script
+
+        dev = device_script()
+        record = json.loads((folder / "fmnist_jetson_int8.engine.json").read_text())
+        assert record["tensorrt"] == "10.3.0.30-1+cuda12.5" and record["precision"] == "int8" and record["fp16"]
+        expected = dev.engine_provenance("10.3.0.30-1+cuda12.5", "unknown-gpu", None, None, "int8", True,
+                                         dev.file_sha256(str(art.files["model"])), record["batch_range"])
+        engine = str(folder / "fmnist_jetson_int8.engine")
+        assert dev.engine_mismatches(engine, expected) == []
+        assert "fp16" in dev.engine_mismatches(engine, {**expected, "fp16": False})[0]
         assert (folder / "fmnist_jetson_int8.engine").is_file()  # renamed from .partial after trtexec succeeded
         assert not list(folder.glob("*.partial"))
     finally:

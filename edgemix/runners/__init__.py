@@ -43,12 +43,14 @@ def bench(target: str, artifact: Path, *, host: str | None = None, port: int = 2
           python: str | None = None, known_hosts: Path | None = None, ssh_config: str | None = None, ssh: str = "ssh",
           serial: str | None = None, runner_path: Path | None = None, adb: str = "adb",
           warmup: int | None = None, iterations: int | None = None, threads: int | None = None,
-          timeout_s: float | None = None, remote_dir: str | None = None, merge: bool = True) -> BenchResult:
+          timeout_s: float | None = None, remote_dir: str | None = None, merge: bool = True,
+          rebuild_engine: bool = False) -> BenchResult:
     from edgemix.config import resolve_target
 
     profile = resolve_target(target)
     art = Artifact.load(artifact)
     settings = settings_for(profile, art, warmup, iterations, threads, timeout_s, remote_dir)
+    settings.rebuild_engine = rebuild_engine
     kind = profile.runner.kind
     if kind != "ssh" and (host or identity):
         raise UsageError(f"--host/--identity are for ssh targets; target {profile.name} runs over {kind}")

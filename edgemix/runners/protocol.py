@@ -124,6 +124,7 @@ class Settings:
     precision: str = "int8"
     workspace_mb: int = 1024
     fp16_fallback: bool = True
+    rebuild_engine: bool = False  # rebuild a cached engine whose provenance differs instead of refusing it
 
 
 @dataclass
@@ -339,6 +340,8 @@ def device_args(art: Artifact, settings: Settings, model: str, reference: str | 
         args += ["--dynamic-batch"] if meta["dynamic_batch"] else []
     if not settings.fp16_fallback:
         args.append("--no-fp16")
+    if settings.rebuild_engine:
+        args.append("--rebuild-engine")
     return args
 
 
@@ -348,6 +351,8 @@ def parse_device_output(stdout: str, stderr: str, rc: int, endpoint: str, python
             return json.loads(line[len(RESULT_MARK):])
         if line.startswith(ERROR_MARK):
             err = json.loads(line[len(ERROR_MARK):])
+            if err["kind"] == "engine_mismatch":  # the wrong engine for this device or request: the user's to fix
+                raise UsageError(f"engine mismatch on {endpoint}: {err['message']}", hint=err.get("hint"))
             raise DeviceError(f"{err['kind'].replace('_', ' ')} on {endpoint}: {err['message']}", hint=err.get("hint"))
     if rc == 127:
         raise DeviceError(f"missing binary on {endpoint}: the Python interpreter '{python}' was not found",

@@ -74,7 +74,8 @@ def trtexec_command(onnx_name: str, engine_name: str, cache_name: str, *, precis
     return args
 
 
-def engine_script(target, command: list[str], engine_name: str) -> str:
+def engine_script(target, command: list[str], engine_name: str, *, onnx_name: str, precision: str, fp16: bool,
+                  batch_range: tuple[int, int, int]) -> str:
     """A bash script for the device: check TensorRT/JetPack against the profile, then run trtexec.
 
     trtexec writes ``<engine>.partial`` and the script renames it: an interrupted build never
@@ -120,9 +121,18 @@ esac
 trap 'rm -f {shlex.quote(partial)}' EXIT
 "$TRTEXEC" {" ".join(shlex.quote(a) for a in command)}
 mv -f {shlex.quote(partial)} {shlex.quote(engine_name)}
-# the provenance the runner compares before loading the engine
-gpu=$(tr -d '\\0' < /proc/device-tree/model 2>/dev/null || nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo unknown)
-printf '{{"tensorrt": "%s", "gpu": "%s", "built_by": "trtexec"}}\\n' "$found_trt" "$gpu" > {shlex.quote(engine_name)}.json.tmp
+# the provenance record every loader compares before using the engine (edgemix-engine-provenance/1,
+# read by the device runner's engine_mismatches; each fact found the way the runner finds it)
+prov_trt=$(python3 -c 'import tensorrt; print(tensorrt.__version__)' 2>/dev/null || dpkg-query -W -f='${{Version}}' tensorrt 2>/dev/null || echo unknown)
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || true)
+if [ -z "$gpu" ] && [ -r /proc/device-tree/model ] && [ -e /etc/nv_tegra_release ]; then gpu="$(tr -d '\\0' < /proc/device-tree/model) iGPU"; fi
+cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 || true)
+l4t=$(sed -n 's/^# R\\([0-9]*\\) (release), REVISION: \\([0-9.]*\\).*/\\1.\\2/p' /etc/nv_tegra_release 2>/dev/null || true)
+jstr() {{ if [ -n "$1" ]; then printf '"%s"' "$1"; else printf null; fi; }}
+printf '{{"format": "edgemix-engine-provenance/1", "tensorrt": %s, "gpu": %s, "compute_capability": %s, "l4t": %s, "precision": "{precision}", "fp16": {"true" if fp16 else "false"}, "onnx_sha256": "%s", "batch_range": [{", ".join(str(int(b)) for b in batch_range)}], "engine_sha256": "%s", "built_by": "trtexec (build_engine.sh)"}}\\n' \\
+  "$(jstr "$prov_trt")" "$(jstr "${{gpu:-unknown-gpu}}")" "$(jstr "$cc")" "$(jstr "$l4t")" \\
+  "$(sha256sum {shlex.quote(onnx_name)} | cut -d' ' -f1)" "$(sha256sum {shlex.quote(engine_name)} | cut -d' ' -f1)" \\
+  > {shlex.quote(engine_name)}.json.tmp
 mv {shlex.quote(engine_name)}.json.tmp {shlex.quote(engine_name)}.json
 echo "built {engine_name} with TensorRT $found_trt on $gpu"
 """
@@ -166,6 +176,13 @@ def build_engine(onnx_path: Path, engine_path: Path, cache_path: Path, *, precis
                              hint="the TensorRT log above names the layer")
     size = _write_atomic(engine_path, bytes(serialized))
     _write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
-    return {"status": "built", "engine": engine_path.name, "timing_cache": cache_path.name, "bytes": size,
-            "tensorrt": trt.__version__, "gpu": _cuda_gpu(), "flags": flags,
+    # the provenance record every loader of this engine checks (the device script's one format)
+    from edgemix.resources import device_script
+
+    dev = device_script()
+    record = dev.write_provenance(str(engine_path), dev.this_device_provenance(
+        precision, "fp16" in flags, dev.file_sha256(str(onnx_path)), (lo, opt, hi)), "tensorrt-python (edgemix build)")
+    return {"status": "built", "engine": engine_path.name, "provenance": engine_path.name + ".json",
+            "timing_cache": cache_path.name, "bytes": size, "tensorrt": trt.__version__, "gpu": record["gpu"],
+            "compute_capability": record["compute_capability"], "flags": flags,
             "profile": {"min": lo, "opt": opt, "max": hi}, "build_s": round(time.perf_counter() - t0, 1)}

@@ -93,6 +93,76 @@ def isa_features(cpuinfo=None):
     return [f for f in ISA_FLAGS if f in have]
 
 
+def compute_capability():
+    cc = sh(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"])
+    return cc.splitlines()[0].strip() if cc else None
+
+
+# ---------------------------------------------------------------- engine provenance
+# A TensorRT engine runs only on the TensorRT version and GPU it was built with, and holds the
+# precision flags it was built with. Every engine edgemix builds (here, on the host, or by the
+# build_engine.sh it writes) has <engine>.json beside it with these facts and the engine's own
+# sha256; nothing loads an engine whose record is missing or differs from what is asked for now.
+
+PROVENANCE_FORMAT = "edgemix-engine-provenance/1"
+PROVENANCE_KEYS = ("tensorrt", "gpu", "compute_capability", "l4t", "precision", "fp16", "onnx_sha256",
+                   "batch_range")
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def engine_provenance(tensorrt, gpu, compute_cap, l4t, precision, fp16, onnx_sha256, batch_range):
+    """What an engine is, for the machine and request that build (or want to load) it."""
+    return {"format": PROVENANCE_FORMAT, "tensorrt": tensorrt, "gpu": gpu, "compute_capability": compute_cap,
+            "l4t": l4t, "precision": precision, "fp16": bool(fp16), "onnx_sha256": onnx_sha256,
+            "batch_range": [int(b) for b in batch_range]}
+
+
+def this_device_provenance(precision, fp16, onnx_sha256, batch_range):
+    return engine_provenance(tensorrt_version() or "unknown", gpu_name() or "unknown-gpu", compute_capability(),
+                             parse_nv_tegra_release(read("/etc/nv_tegra_release")), precision, fp16,
+                             onnx_sha256, batch_range)
+
+
+def write_provenance(engine_path, provenance, built_by):
+    record = dict(provenance, engine_sha256=file_sha256(engine_path), built_by=built_by,
+                  built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    tmp = f"{engine_path}.json.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, engine_path + ".json")
+    return record
+
+
+def engine_mismatches(engine_path, expected):
+    """Why the engine at ``engine_path`` may not be loaded for ``expected`` (a provenance dict): one
+    line per difference naming both sides; [] when its record matches and the file is intact."""
+    record_path = engine_path + ".json"
+    if not os.path.isfile(record_path):
+        return [f"{os.path.basename(engine_path)} has no provenance record ({os.path.basename(record_path)}): "
+                "it was not built by edgemix, or its record was lost"]
+    try:
+        with open(record_path) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as e:
+        return [f"its provenance record {os.path.basename(record_path)} cannot be read: {e}"]
+    if not isinstance(record, dict) or record.get("format") != PROVENANCE_FORMAT:
+        return [f"its provenance record is not {PROVENANCE_FORMAT} (format {record.get('format') if isinstance(record, dict) else None!r})"]
+    problems = [f"{key}: the engine was built for {record.get(key)!r}, this run has {expected.get(key)!r}"
+                for key in PROVENANCE_KEYS if record.get(key) != expected.get(key)]
+    sha = file_sha256(engine_path)
+    if record.get("engine_sha256") != sha:
+        problems.append(f"the engine file changed after it was built (sha256 {sha[:12]}..., record says "
+                        f"{str(record.get('engine_sha256'))[:12]}...): corrupt or replaced")
+    return problems
+
+
 def tensorrt_version():
     try:
         import tensorrt
@@ -224,14 +294,24 @@ class TensorRTRuntime:
         self.batches = [int(b) for b in args.batch_sizes.split(",")]
         self.fixed_batch = None if args.dynamic else self.batches[0]
         self.version, self.gpu = tensorrt_version() or "unknown", gpu_name() or "unknown-gpu"
-        with open(path, "rb") as f:
-            onnx_sha = hashlib.sha256(f.read()).hexdigest()
+        fp16 = args.precision == "fp16" or (args.precision == "int8" and args.fp16)
+        batch_range = (min(self.batches), self.batches[0], max(self.batches))
+        expected = this_device_provenance(args.precision, fp16, file_sha256(path), batch_range)
         slug = re.sub(r"[^A-Za-z0-9]+", "-", f"trt{self.version}-{self.gpu}").strip("-")
-        key = f"{onnx_sha[:16]}-{slug}-{args.precision}-b{min(self.batches)}-{max(self.batches)}"
+        key = (f"{expected['onnx_sha256'][:16]}-{slug}-{args.precision}{'-fp16' if fp16 else ''}"
+               f"-b{min(self.batches)}-{max(self.batches)}")
         os.makedirs(args.cache_dir, exist_ok=True)
-        self.engine = os.path.join(args.cache_dir, key + ".engine")
+        self.engine = args.engine or os.path.join(args.cache_dir, key + ".engine")
         self.prepare = {"engine": os.path.basename(self.engine), "cached": os.path.isfile(self.engine),
-                        "tensorrt": self.version, "gpu": self.gpu}
+                        "tensorrt": self.version, "gpu": self.gpu, "fp16": fp16}
+        if self.prepare["cached"]:
+            problems = engine_mismatches(self.engine, expected)
+            if problems and not args.rebuild_engine:
+                raise Failure("engine_mismatch", f"the engine {self.engine} does not match this run: "
+                              + "; ".join(problems),
+                              "rebuild it here with --rebuild-engine (edgemix bench --rebuild-engine), or remove it")
+            if problems:
+                self.prepare.update(cached=False, rebuilt_because=problems)
         if not self.prepare["cached"]:
             t = time.perf_counter()
             tmp = self.engine + f".tmp-{os.getpid()}"  # a half-written engine never carries the final name
@@ -241,6 +321,7 @@ class TensorRTRuntime:
             finally:
                 if os.path.exists(tmp):
                     os.remove(tmp)
+            write_provenance(self.engine, expected, self.prepare["built_with"])
             self.prepare["build_s"] = round(time.perf_counter() - t, 1)
         self.info = {"name": self.name, "version": self.version, "gpu": self.gpu}
         self.threads = args.threads
@@ -375,7 +456,7 @@ def run_reference(rt, inputs, batch):
     return np.concatenate(outs).astype(np.float32)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--reference", help="reference_io.npz: inputs, outputs (FP32), labels")
@@ -391,8 +472,15 @@ def main(argv=None):
     ap.add_argument("--workspace-mb", type=int, default=1024)
     ap.add_argument("--dynamic-batch", dest="dynamic", action="store_true", help="the ONNX batch dim is symbolic")
     ap.add_argument("--no-fp16", dest="fp16", action="store_false")
+    ap.add_argument("--engine", help="load (or build) this engine file instead of one in --cache-dir")
+    ap.add_argument("--rebuild-engine", action="store_true",
+                    help="rebuild an engine whose provenance does not match this run instead of refusing it")
     ap.add_argument("--timeout", type=float, default=600, help="seconds for one trtexec call")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         import numpy as np
         rt = choose_runtime(args)
