@@ -241,6 +241,12 @@ def build_cmd(
     train_data: Optional[str] = typer.Option(None, "--train-data",
                                              help="QAT training data (default: fashion-mnist if installed, else sample)."),
     qat_lr: float = typer.Option(1e-4, "--qat-lr"),
+    qat_keep: str = typer.Option("better", "--qat-keep",
+                                 help="better: keep PTQ's model when it agrees better with FP32 than QAT's; "
+                                      "qat: always QAT's."),
+    qat_distill: float = typer.Option(1.0, "--qat-distill",
+                                      help="QAT loss: weight of distillation towards the FP32 model's logits "
+                                           "(1: its outputs only, 0: the labels only, between: a blend)."),
     eval_data: str = typer.Option("sample", "--eval-data", help="Verification data: sample, fashion-mnist, or a folder."),
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Verify on a stratified subset of this size."),
     out: Optional[Path] = typer.Option(None, "--out", "-o",
@@ -286,7 +292,7 @@ def build_cmd(
         model, target, weights=weights, precision=precision, calib=calib, eval_data=eval_data,
         train_data=train_data, out=out, quiet=quiet, verbose=verbose, backend_options=options, fallback=fallback,
         random_weights=random_weights, image_size=image_size, num_classes=num_classes, reset_head=reset_head,
-        qat_epochs=qat_epochs, qat_lr=qat_lr, eval_limit=eval_limit, threads=threads, latency_runs=latency_runs,
+        qat_epochs=qat_epochs, qat_lr=qat_lr, qat_distill=qat_distill, qat_keep=qat_keep, eval_limit=eval_limit, threads=threads, latency_runs=latency_runs,
         latency_seconds=latency_seconds, compare_fp32=compare_fp32, isa_check=isa_check, force=force, cache=cache,
         device=device)
     report, d = result.report, result.drift
@@ -382,6 +388,9 @@ def bench_cmd(
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per remote step (default: runner.timeout_s)."),
     remote_dir: Optional[str] = typer.Option(None, "--remote-dir", help="Working folder on the device (default: the target's)."),
     merge: bool = typer.Option(True, "--merge/--no-merge", help="Write the result into report.json under 'bench'."),
+    rebuild_engine: bool = typer.Option(False, "--rebuild-engine",
+                                        help="TensorRT: rebuild a cached engine whose provenance (TensorRT, GPU, "
+                                             "flags, ONNX) differs from this run instead of refusing it."),
     as_json: bool = typer.Option(False, "--json", help="Print the BenchResult as JSON instead of a table."),
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
@@ -403,7 +412,8 @@ def bench_cmd(
     with capture_noise(verbose):
         result = api.bench(artifact, target, host=host, port=port, identity=identity, python=python,
                        known_hosts=known_hosts, serial=serial, runner_path=runner_path, warmup=warmup,
-                       iterations=iterations, threads=threads, timeout_s=timeout, remote_dir=remote_dir, merge=merge)
+                       iterations=iterations, threads=threads, timeout_s=timeout, remote_dir=remote_dir, merge=merge,
+                       rebuild_engine=rebuild_engine)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
         return

@@ -11,6 +11,7 @@ the swap survive a kill.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -25,6 +26,7 @@ from edgemix.backends.base import BuildJob, BuiltArtifact, batched_predict
 from edgemix.config import ALIASES, BuildConfig, write_resolved_toml
 from edgemix.context import BuildContext, BuildInputs, load_inputs, resolve, tensor_sha256
 from edgemix.data import ImageSet, to_model_input
+from edgemix.train import loss_name
 from edgemix.verify import report as rep
 from edgemix.verify.drift import drift_metrics
 from edgemix.verify.latency import measure_interleaved, summarize
@@ -221,12 +223,15 @@ def _lower(stage_dir: Path, ctx: BuildContext, inp: BuildInputs, ref: Reference,
         # QAT fine-tunes a converged model to absorb rounding: plain data, no label smoothing or decay,
         # which would pull it away from the FP32 optimum it is meant to stay near
         train_config=TrainConfig(epochs=cfg.qat_epochs or 1.0, batch_size=cfg.qat_batch_size, lr=cfg.qat_lr,
+                                 distill=cfg.qat_distill,
                                  warmup_epochs=0.0, seed=recipe.seed, augment=False, label_smoothing=0.0,
                                  weight_decay=0.0),
         bundle_inputs=eval_inputs[:bundle_n], bundle_outputs=torch.from_numpy(ref.logits[:bundle_n]),
         options=dict(cfg.backend_options), stage=stages, device=ctx.devices["calibration"],
     )
     artifact = ctx.backend.build(job)
+    if cfg.qat_epochs and cfg.precision == "int8":
+        artifact = _qat_or_ptq(stage_dir, ctx, job, artifact, eval_inputs, ref, stages)
     if cfg.fallback and cfg.precision == "int8":
         artifact = _accuracy_fallback(ctx.backend, job, artifact, eval_inputs, ref.logits, ref.labels, ctx.threads,
                                       stages)
@@ -236,6 +241,49 @@ def _lower(stage_dir: Path, ctx: BuildContext, inp: BuildInputs, ref: Reference,
     np.savez(ref_io, inputs=job.bundle_inputs.numpy(), outputs=ref.logits[:bundle_n], labels=ref.labels[:bundle_n])
     artifact.files.setdefault("reference_io", ref_io)
     return artifact
+
+
+def keep_of(ptq_agreement: float, qat_agreement: float, keep: str) -> str:
+    """Which artifact a QAT build ships: QAT's, unless ``keep == "better"`` and PTQ's agrees better."""
+    return "ptq" if keep == "better" and ptq_agreement > qat_agreement else "qat"
+
+
+def _qat_or_ptq(stage_dir: Path, ctx: BuildContext, job, qat_artifact: BuiltArtifact, eval_inputs,
+                ref: Reference, stages: Stages) -> BuiltArtifact:
+    """QAT must earn its cost: the PTQ artifact from the same calibration is built too, both written
+    artifacts are run on the evaluation images, and the one that agrees better with FP32 is kept
+    (``--qat-keep qat`` keeps QAT's regardless). Both figures go into the report."""
+    t = time.perf_counter()
+    ptq_dir = stage_dir / ".ptq"
+    ptq_dir.mkdir()
+    ptq_artifact = ctx.backend.build(dataclasses.replace(job, qat_epochs=0.0, stage_dir=ptq_dir,
+                                                         stage=lambda *a: None))
+    measured = {}
+    for name, art in (("ptq", ptq_artifact), ("qat", qat_artifact)):
+        d = drift_metrics(ref.logits, batched_predict(ctx.backend.load_predictor(art, ctx.threads),
+                                                      eval_inputs.numpy()), ref.labels)
+        measured[name] = {"top1": d["deployed_top1"], "agreement": d["agreement"]}
+    kept = keep_of(measured["ptq"]["agreement"], measured["qat"]["agreement"], ctx.cfg.qat_keep)
+    if kept == "ptq":  # PTQ's files take the names QAT's had (the same basename): nothing of QAT's stays
+        for path in qat_artifact.files.values():
+            path.unlink(missing_ok=True)
+        for path in ptq_dir.iterdir():
+            path.replace(stage_dir / path.name)
+        chosen = BuiltArtifact(files={role: stage_dir / p.name for role, p in ptq_artifact.files.items()},
+                               runtime=ptq_artifact.runtime, batch_size=ptq_artifact.batch_size,
+                               dynamic_batch=ptq_artifact.dynamic_batch, quantization=dict(ptq_artifact.quantization),
+                               details=ptq_artifact.details)
+    else:
+        chosen = qat_artifact
+    shutil.rmtree(ptq_dir, ignore_errors=True)
+    chosen.quantization["qat_selection"] = {
+        **measured, "kept": kept, "rule": ctx.cfg.qat_keep, "qat_epochs": ctx.cfg.qat_epochs,
+        "qat_loss": loss_name(job.train_config), "images": len(ref.labels),
+        "measured_on": "the written PTQ and QAT artifacts, run by their runtime on the evaluation images"}
+    stages("select", f"agreement with FP32 on {len(ref.labels)} images: PTQ {100 * measured['ptq']['agreement']:.2f}%"
+                     f", QAT {100 * measured['qat']['agreement']:.2f}%: kept {kept.upper()}",
+           time.perf_counter() - t)
+    return chosen
 
 
 def _verify(ctx: BuildContext, artifact: BuiltArtifact, predictor, eval_inputs, ref: Reference,

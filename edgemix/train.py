@@ -32,6 +32,10 @@ class TrainConfig:
     augment: bool = True  # random 2-pixel shifts and horizontal flips
     seed: int = 0
     threads: int | None = None
+    # knowledge distillation towards a teacher's logits (QAT: the FP32 reference): the loss is
+    # distill * T^2 * KL(teacher/T || student/T) + (1 - distill) * cross-entropy on the labels
+    distill: float = 0.0
+    temperature: float = 1.0
 
     def validate(self) -> None:
         if not self.epochs > 0:
@@ -47,6 +51,31 @@ class TrainConfig:
             raise UsageError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if not self.warmup_epochs >= 0:
             raise UsageError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+        if not 0 <= self.distill <= 1:
+            raise UsageError(f"the distillation weight must be in [0, 1], got {self.distill}",
+                             hint="1 learns the FP32 model's outputs only, 0 the labels only")
+        if not self.temperature > 0:
+            raise UsageError(f"the distillation temperature must be > 0, got {self.temperature}")
+
+
+def loss_name(cfg: TrainConfig) -> str:
+    """The training loss in words (for reports)."""
+    if cfg.distill == 0:
+        return "cross-entropy on the labels"
+    kd = f"distillation towards the FP32 model's logits (temperature {cfg.temperature:g})"
+    return kd if cfg.distill == 1 else f"{cfg.distill:g} x {kd} + {1 - cfg.distill:g} x cross-entropy on the labels"
+
+
+def training_loss(logits: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
+                  teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy on the labels, blended with distillation towards ``teacher_logits`` (cfg.distill)."""
+    ce = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing) if cfg.distill < 1 else 0.0
+    if teacher_logits is None or cfg.distill == 0:
+        return ce
+    t = cfg.temperature
+    kd = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                  log_target=True, reduction="batchmean") * t * t
+    return cfg.distill * kd + (1 - cfg.distill) * ce
 
 
 RUN_FILES = ("last.pt", "model.pt")  # what a training run writes into its --out folder
@@ -134,15 +163,19 @@ def evaluate_top1(model, data: ImageSet, spec, batch_size: int = 500, device: st
 
 
 def fit(model, params, spec, data: ImageSet, cfg: TrainConfig, *, device: str = "cpu",
-        start_step: int = 0, optimizer=None, on_epoch_end=None, set_train=None, desc: str = "train"):
+        start_step: int = 0, optimizer=None, on_epoch_end=None, set_train=None, desc: str = "train",
+        teacher=None):
     """The training loop shared by FP32 training and QAT fine-tuning.
 
     ``model`` may be an nn.Module or an exported QAT GraphModule; ``set_train(flag)`` switches its
     mode (exported graphs need torchao's move_exported_model_to_train/eval, not ``.train()``).
     ``on_epoch_end(epoch, step, optimizer, loss)`` runs after each whole epoch (checkpoints, eval).
+    ``teacher``: a model (eval mode, on ``device``) whose logits the loss distills (cfg.distill).
     Returns the optimizer and the last step.
     """
     cfg.validate()
+    if cfg.distill > 0 and teacher is None:
+        raise ValueError("cfg.distill > 0 needs a teacher model")
     rank, world = dist_info()
     n = len(data)
     per_rank = n // world
@@ -171,7 +204,12 @@ def fit(model, params, spec, data: ImageSet, cfg: TrainConfig, *, device: str = 
                 x, y = x.to(device), data.labels[idx].to(device)
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, total_steps, warmup, cfg.lr)
-                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+                if teacher is not None and cfg.distill > 0:
+                    with torch.no_grad():
+                        t_logits = teacher(x)
+                    loss = training_loss(model(x), y, cfg, t_logits)
+                else:
+                    loss = training_loss(model(x), y, cfg)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -372,9 +372,17 @@ def test_phone_qat_build_runs(tmp_path):
                 "--no-compare-fp32", "--no-isa-check", "--latency-runs", "5", "--latency-seconds", "0", "--out", out)
     assert p.returncode == 0, p.stdout + p.stderr
     r = _report(out)
-    assert r["quantization"]["qat_epochs"] == 0.1 and "[      qat]" in p.stdout
+    assert "[      qat]" in p.stdout and "[   select]" in p.stdout
     assert r["latency_ms"]["runs"] == 5  # no time floor asked: exactly the runs asked
-    assert r["drift"]["agreement"] >= 0.9  # a few QAT steps at lr 1e-4 barely move a PTQ-quality model
+    # QAT must earn its cost: PTQ's and QAT's written artifacts side by side, the better one shipped
+    sel = r["quantization"]["qat_selection"]
+    assert sel["qat_epochs"] == 0.1 and sel["images"] == 100 and sel["rule"] == "better"
+    assert "distillation" in sel["qat_loss"]
+    assert sel["kept"] == ("ptq" if sel["ptq"]["agreement"] > sel["qat"]["agreement"] else "qat")
+    assert r["drift"]["agreement"] == sel[sel["kept"]]["agreement"]  # what ships is what was kept
+    assert r["quantization"]["qat_epochs"] == (0.1 if sel["kept"] == "qat" else 0.0)
+    assert not list(out.glob(".ptq*")) and not list(out.rglob("*.ptq*"))  # the loser is gone
+    assert r["drift"]["agreement"] >= 0.9
 
 
 def test_jetson_fallback_keeps_sensitive_layers_until_budget(tmp_path):

@@ -41,6 +41,7 @@ def record(report: dict, command: str) -> dict:
         "artifact_bytes": report["artifact"]["bytes"], "fp32_artifact_bytes": cmp.get("fp32_bytes"),
         "p50_ms": (report.get("latency_ms") or {}).get("p50"), "fp32_p50_ms": cmp.get("fp32_p50_ms"),
         "latency_ratio": cmp.get("latency_ratio"), "int8_faster": cmp.get("int8_faster"),
+        "qat_selection": (report.get("quantization") or {}).get("qat_selection"),
     }
 
 

@@ -8,6 +8,7 @@ no pattern for (LayerNorm, GELU, mean) stay in float between a dequantize and a 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import linecache
 import math
@@ -235,6 +236,8 @@ def qat(model: torch.nn.Module, spec, train_set, epochs: float, train_config=Non
         calib_inputs: torch.Tensor | None = None, observer: str = "minmax", percentile: float = 99.99,
         float_modules: tuple[type, ...] = (), device: str = "cpu"):
     """Quantization-aware fine-tuning; returns the converted GraphModule (batch dimension symbolic).
+    With ``train_config.distill`` the loss distills the FP32 ``model``'s own logits (which stays
+    untouched: the graph is exported from a copy).
 
     QAT starts where PTQ ends: the activation ranges are calibrated on ``calib_inputs`` with the
     recipe's observer (fake-quant off, so they see float activations as in PTQ) and then frozen;
@@ -266,7 +269,9 @@ def qat(model: torch.nn.Module, spec, train_set, epochs: float, train_config=Non
     cfg = default_qat_config(epochs) if train_config is None else dataclasses.replace(train_config, epochs=epochs)
     if cfg.batch_size > len(train_set):
         cfg = dataclasses.replace(cfg, batch_size=len(train_set))
-    exported = export_model(model, calib_inputs[:cfg.batch_size], dynamic_batch=True,
+    # from a copy: an exported graph shares its parameters with the module it came from, and QAT would
+    # otherwise train the caller's FP32 model (the build's reference, teacher and FP32 twin) in place
+    exported = export_model(copy.deepcopy(model), calib_inputs[:cfg.batch_size], dynamic_batch=True,
                             max_batch=max(cfg.batch_size, 2))
     prepared = prepare_qat_pt2e(exported.module(), make_quantizer(observer, percentile, True, float_modules))
 
@@ -282,8 +287,11 @@ def qat(model: torch.nn.Module, spec, train_set, epochs: float, train_config=Non
         if isinstance(module, FakeQuantizeBase) and module.qscheme in (torch.per_tensor_affine,
                                                                        torch.per_tensor_symmetric):
             module.disable_observer()  # activations: frozen; per-channel weight observers keep tracking
+    teacher = None
+    if cfg.distill > 0:  # the FP32 model's own outputs, on the training device (the caller's model stays put)
+        teacher = (model if device == "cpu" else copy.deepcopy(model).to(device)).eval()
     fit(prepared, list(prepared.parameters()), spec, train_set, cfg, set_train=set_train, desc="qat",
-        device=device)
+        device=device, teacher=teacher)
     set_train(False)
     return convert_pt2e(prepared.to("cpu"))
 

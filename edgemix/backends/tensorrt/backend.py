@@ -78,7 +78,7 @@ class TensorRTBackend(Backend):
             if job.qat_epochs:
                 t0 = time.perf_counter()
                 qat = qdq.finetune_qat(qmodel, spec, job.train_set, job.train_config, job.qat_epochs,
-                                       device=job.device)
+                                       device=job.device, teacher=job.model)
                 job.stage("qat", f"{job.qat_epochs:g} epoch(s), {qat['steps']} steps of fake-quant fine-tuning",
                           time.perf_counter() - t0, None)
             t0 = time.perf_counter()
@@ -132,7 +132,11 @@ class TensorRTBackend(Backend):
             return info
         command = trtexec_command(onnx_path.name, engine_name, cache_name, **kw)
         script = onnx_path.parent / "build_engine.sh"
-        size = _write_atomic(script, engine_script(job.target, command, engine_name), mode=0o755)
+        lo, opt, hi = job.target.batch_range if dynamic else (job.target.batch_range[1],) * 3
+        size = _write_atomic(script, engine_script(
+            job.target, command, engine_name, onnx_name=onnx_path.name, precision=job.precision,
+            fp16=job.precision == "fp16" or (job.precision == "int8" and trt_cfg.fp16_fallback),
+            batch_range=(lo, opt, hi)), mode=0o755)
         files["engine_script"] = script
         job.stage("engine", f"build_engine.sh for the device ({why} here)", time.perf_counter() - t0, size)
         return {"status": "to_build_on_device", "reason": why, "script": script.name,

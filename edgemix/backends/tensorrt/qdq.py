@@ -164,10 +164,11 @@ def quantize_ptq(model: torch.nn.Module, calib_inputs: torch.Tensor, recipe,
 
 
 def finetune_qat(qmodel: torch.nn.Module, spec, train_set, train_config, epochs: float,
-                 device: str = "cpu") -> dict:
+                 device: str = "cpu", teacher: torch.nn.Module | None = None) -> dict:
     """Quantization-aware fine-tuning of NNCF's fake-quant model (weights and quantizer scales learn),
-    on ``device``; the model is back on the CPU when this returns."""
-    from edgemix.train import TrainConfig, fit, seed_everything
+    on ``device``, towards ``teacher``'s logits when the config distills; the model is back on the CPU
+    when this returns."""
+    from edgemix.train import TrainConfig, fit, loss_name, seed_everything
 
     # a fine-tuning default when the caller gives none: FP32 training's 2e-3 would undo the
     # calibrated ranges in a few steps; 1e-4 with a short warm-up nudges them instead
@@ -175,10 +176,14 @@ def finetune_qat(qmodel: torch.nn.Module, spec, train_set, train_config, epochs:
     cfg = dataclasses.replace(cfg, epochs=float(epochs))
     seed_everything(cfg.seed)
     qmodel.to(device)
+    if cfg.distill > 0 and teacher is not None and device != "cpu":
+        teacher = copy.deepcopy(teacher).to(device)
     _, steps = fit(qmodel, [p for p in qmodel.parameters() if p.requires_grad], spec, train_set, cfg,
-                   desc="QAT fine-tuning", device=device)
+                   desc="QAT fine-tuning", device=device,
+                   teacher=teacher.eval() if (teacher is not None and cfg.distill > 0) else None)
     qmodel.eval().to("cpu")
-    return {"epochs": float(epochs), "steps": steps, "lr": cfg.lr, "batch_size": cfg.batch_size}
+    return {"epochs": float(epochs), "steps": steps, "lr": cfg.lr, "batch_size": cfg.batch_size,
+            "loss": loss_name(cfg)}
 
 
 def export_qdq(qmodel: torch.nn.Module, spec, *, batch: int, dynamic_batch: bool, opset: int):

@@ -1,0 +1,86 @@
+"""Quantization-aware training: the distillation loss, the PTQ-or-QAT choice (on fixed numbers), the
+FP32 model left untouched, a short seeded QAT run on the sample, and bad input."""
+
+import pytest
+import torch
+
+from conftest import assert_clean_error, run_cli
+from edgemix.errors import UsageError
+from edgemix.train import TrainConfig, training_loss
+
+
+def test_distillation_loss_is_zero_on_the_teachers_own_logits_and_blends_with_labels():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(8, 10), torch.randint(0, 10, (8,))
+    other = torch.randn(8, 10)
+    kd = TrainConfig(distill=1.0, label_smoothing=0.0)
+    assert training_loss(logits, labels, kd, logits).item() == pytest.approx(0.0, abs=1e-6)
+    assert training_loss(logits, labels, kd, other).item() > 0.1
+    ce = torch.nn.functional.cross_entropy(logits, labels)
+    half = TrainConfig(distill=0.5, label_smoothing=0.0)
+    assert training_loss(logits, labels, half, logits).item() == pytest.approx(0.5 * ce.item(), rel=1e-5)
+    labels_only = TrainConfig(distill=0.0, label_smoothing=0.0)
+    assert training_loss(logits, labels, labels_only, other).item() == pytest.approx(ce.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", [{"distill": 1.5}, {"distill": -0.1}, {"temperature": 0.0}])
+def test_distillation_settings_are_checked(bad):
+    with pytest.raises(UsageError):
+        TrainConfig(**bad).validate()
+
+
+@pytest.mark.parametrize("ptq, qat, keep, kept", [
+    (0.990, 0.995, "better", "qat"),   # QAT recovered what PTQ lost
+    (0.999, 0.995, "better", "ptq"),   # PTQ already better: QAT's worse artifact is not shipped
+    (0.999, 0.995, "qat", "qat"),      # told to keep QAT
+    (0.995, 0.995, "better", "qat"),   # a tie keeps QAT
+])
+def test_the_better_of_ptq_and_qat_is_kept(ptq, qat, keep, kept):
+    from edgemix.pipeline import keep_of
+
+    assert keep_of(ptq, qat, keep) == kept
+
+
+def test_phone_qat_is_reproducible_and_leaves_the_fp32_model_alone():
+    """PT2E QAT from the PTQ calibration, distilling the FP32 model, seeded: the same call gives the
+    same quantized model bit for bit, and the FP32 model it was given (the build's reference, teacher
+    and FP32 twin) is unchanged: an exported graph shares its module's parameters, and QAT used to
+    train the caller's model in place."""
+    from edgemix.backends.executorch import quantizer as pt2e
+    from edgemix.data import load_dataset, stratified_indices, to_model_input
+    from edgemix.models import load_model
+
+    model, _ = load_model("fmnist")
+    spec = model.spec
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train = load_dataset("sample", "train")
+    calib = to_model_input(train.images[stratified_indices(train.labels, 128, 0)], spec)
+    x = to_model_input(load_dataset("sample", "test").images[:200], spec)
+    cfg = TrainConfig(epochs=0.5, batch_size=64, lr=3e-5, warmup_epochs=0.0, augment=False, label_smoothing=0.0,
+                      weight_decay=0.0, distill=1.0, seed=0)
+    outputs = []
+    for _ in range(2):
+        converted = pt2e.qat(model, spec, train, 0.5, cfg, calib)
+        with torch.no_grad():
+            outputs.append(converted(x))
+    assert torch.equal(outputs[0], outputs[1])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert (outputs[0].argmax(1) == model(x).argmax(1)).float().mean() > 0.95
+
+
+def test_bad_qat_requests_are_usage_errors(tmp_path):
+    out = tmp_path / "o"
+    base = ("build", "--target", "phone", "--out", out)
+    assert_clean_error(run_cli(*base, "--precision", "fp32", "--qat-epochs", "1"), 2, "needs --precision int8")
+    assert_clean_error(run_cli(*base, "--qat-epochs", "1", "--qat-lr", "0"), 2, "--qat-lr")
+    assert_clean_error(run_cli(*base, "--qat-epochs", "1", "--qat-distill", "2"), 2, "--qat-distill")
+    assert_clean_error(run_cli(*base, "--qat-epochs", "1", "--qat-keep", "bettr"), 2, "did you mean 'better'")
+    other = tmp_path / "other"  # a training folder with 12 classes for a 10-class model
+    for c in range(12):
+        (other / f"c{c:02d}").mkdir(parents=True)
+        from PIL import Image
+
+        Image.new("L", (28, 28), c * 20).save(other / f"c{c:02d}" / "x.png")
+    assert_clean_error(run_cli(*base, "--qat-epochs", "0.1", "--train-data", other), 2, "classes")
+    assert not out.exists()
