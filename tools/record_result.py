@@ -93,7 +93,8 @@ def main(argv=None) -> int:
     if not a.command:
         print("error: --command is required when recording (what regenerates the figures)", file=sys.stderr)
         return 2
-    out = a.results_dir / f"{a.name or new['name']}.json"
+    new["name"] = a.name or new["name"]
+    out = a.results_dir / f"{new['name']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(new, indent=2) + "\n")
     print(out)
