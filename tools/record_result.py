@@ -4,9 +4,10 @@ build's own report.json, so that each can be regenerated and compared.
     python tools/record_result.py REPORT.json --command "edgemix build ..." [--name NAME]
     python tools/record_result.py --check docs/results/NAME.json REPORT.json [--tolerance 0.003]
 
-The record holds the command, date, edgemix commit, host CPU and thread count, and the figures:
-FP32 and INT8 top-1, agreement, evaluated images, artifact and FP32-artifact bytes, host p50
-latency of both and their ratio with the sign test's verdict. --check compares a fresh report with a
+The record holds the command, date, edgemix commit, host CPU, its INT8/BF16 instruction sets and the
+thread count, and the figures: FP32 and INT8 top-1, agreement, evaluated images, artifact and
+FP32-artifact bytes, host p50 latency of both and their ratio with the sign test's verdict, the
+QAT selection where there was one, and each stage's seconds. --check compares a fresh report with a
 record: accuracy figures must agree within --tolerance (default 0.003, i.e. 0.3 point: the same
 weights and data give the same reference; the INT8 artifact may differ by a few images across
 library versions), and the sizes within 2%. Latency is not compared: it is a property of the host
@@ -42,6 +43,8 @@ def record(report: dict, command: str) -> dict:
         "p50_ms": (report.get("latency_ms") or {}).get("p50"), "fp32_p50_ms": cmp.get("fp32_p50_ms"),
         "latency_ratio": cmp.get("latency_ratio"), "int8_faster": cmp.get("int8_faster"),
         "qat_selection": (report.get("quantization") or {}).get("qat_selection"),
+        # each stage's seconds as the build printed them; "report" is the whole build's
+        "stages_s": {s["name"]: round(s["seconds"], 1) for s in report.get("stages", [])},
     }
 
 
