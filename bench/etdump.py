@@ -8,7 +8,7 @@ Each program is built with edgemix's ExecuTorch backend at a fixed batch (random
 edgemix ships none; latency does not depend on the values), run ``--runs`` times after warm-up
 with ETDump on, and each operator's median is summed by kind. Per kind: ms per image, operator
 count, and for the GEMMs the rate in TMAC/s of the model's Linear work (MixerSpec.macs). With two
-batches the last column is per-image time at the larger batch over batch 1 (issue 8's batch
+batches the last column is per-image time at the larger batch over batch 1 (batch
 scaling: a kind that is already compute-bound at batch 1 stays near 1.0x).
 XNNPACK's profiler names some operators oddly: "Invalid Unary Op" is the GELU.
 Writes bench/results/etdump.json.

@@ -275,7 +275,7 @@ def qat(model: torch.nn.Module, spec, train_set, epochs: float, train_config=Non
                             max_batch=max(cfg.batch_size, 2))
     prepared = prepare_qat_pt2e(exported.module(), make_quantizer(observer, percentile, True, float_modules))
 
-    def set_train(flag: bool) -> None:  # never .train()/.eval() on an exported graph (DESIGN.md)
+    def set_train(flag: bool) -> None:  # never .train()/.eval() on an exported graph: torchao's switch
         (move_exported_model_to_train if flag else move_exported_model_to_eval)(prepared)
 
     set_train(False)
