@@ -7,6 +7,7 @@ rank 0 writes checkpoints and prints.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -170,12 +171,17 @@ def fit(model, params, spec, data: ImageSet, cfg: TrainConfig, *, device: str = 
     ``model`` may be an nn.Module or an exported QAT GraphModule; ``set_train(flag)`` switches its
     mode (exported graphs need torchao's move_exported_model_to_train/eval, not ``.train()``).
     ``on_epoch_end(epoch, step, optimizer, loss)`` runs after each whole epoch (checkpoints, eval).
-    ``teacher``: a model (eval mode, on ``device``) whose logits the loss distills (cfg.distill).
+    ``teacher``: the model whose logits the loss distills when cfg.distill > 0 (run in eval mode on
+    ``device``: a copy is moved there, the caller's model stays where it is); unused otherwise.
     Returns the optimizer and the last step.
     """
     cfg.validate()
-    if cfg.distill > 0 and teacher is None:
-        raise ValueError("cfg.distill > 0 needs a teacher model")
+    if cfg.distill > 0:
+        if teacher is None:
+            raise ValueError("cfg.distill > 0 needs a teacher model")
+        teacher = (teacher if device == "cpu" else copy.deepcopy(teacher).to(device)).eval()
+    else:
+        teacher = None
     rank, world = dist_info()
     n = len(data)
     per_rank = n // world
@@ -204,12 +210,9 @@ def fit(model, params, spec, data: ImageSet, cfg: TrainConfig, *, device: str = 
                 x, y = x.to(device), data.labels[idx].to(device)
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, total_steps, warmup, cfg.lr)
-                if teacher is not None and cfg.distill > 0:
-                    with torch.no_grad():
-                        t_logits = teacher(x)
-                    loss = training_loss(model(x), y, cfg, t_logits)
-                else:
-                    loss = training_loss(model(x), y, cfg)
+                with torch.no_grad():
+                    t_logits = teacher(x) if teacher is not None else None
+                loss = training_loss(model(x), y, cfg, t_logits)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -287,11 +287,8 @@ def qat(model: torch.nn.Module, spec, train_set, epochs: float, train_config=Non
         if isinstance(module, FakeQuantizeBase) and module.qscheme in (torch.per_tensor_affine,
                                                                        torch.per_tensor_symmetric):
             module.disable_observer()  # activations: frozen; per-channel weight observers keep tracking
-    teacher = None
-    if cfg.distill > 0:  # the FP32 model's own outputs, on the training device (the caller's model stays put)
-        teacher = (model if device == "cpu" else copy.deepcopy(model).to(device)).eval()
     fit(prepared, list(prepared.parameters()), spec, train_set, cfg, set_train=set_train, desc="qat",
-        device=device, teacher=teacher)
+        device=device, teacher=model)  # distills the FP32 model's own outputs when cfg.distill > 0
     set_train(False)
     return convert_pt2e(prepared.to("cpu"))
 

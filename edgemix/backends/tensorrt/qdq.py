@@ -176,11 +176,8 @@ def finetune_qat(qmodel: torch.nn.Module, spec, train_set, train_config, epochs:
     cfg = dataclasses.replace(cfg, epochs=float(epochs))
     seed_everything(cfg.seed)
     qmodel.to(device)
-    if cfg.distill > 0 and teacher is not None and device != "cpu":
-        teacher = copy.deepcopy(teacher).to(device)
     _, steps = fit(qmodel, [p for p in qmodel.parameters() if p.requires_grad], spec, train_set, cfg,
-                   desc="QAT fine-tuning", device=device,
-                   teacher=teacher.eval() if (teacher is not None and cfg.distill > 0) else None)
+                   desc="QAT fine-tuning", device=device, teacher=teacher)
     qmodel.eval().to("cpu")
     return {"epochs": float(epochs), "steps": steps, "lr": cfg.lr, "batch_size": cfg.batch_size,
             "loss": loss_name(cfg)}
