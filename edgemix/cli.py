@@ -292,8 +292,8 @@ def build_cmd(
         model, target, weights=weights, precision=precision, calib=calib, eval_data=eval_data,
         train_data=train_data, out=out, quiet=quiet, verbose=verbose, backend_options=options, fallback=fallback,
         random_weights=random_weights, image_size=image_size, num_classes=num_classes, reset_head=reset_head,
-        qat_epochs=qat_epochs, qat_lr=qat_lr, qat_distill=qat_distill, qat_keep=qat_keep, eval_limit=eval_limit, threads=threads, latency_runs=latency_runs,
-        latency_seconds=latency_seconds, compare_fp32=compare_fp32, isa_check=isa_check, force=force, cache=cache,
+        qat_epochs=qat_epochs, qat_lr=qat_lr, qat_distill=qat_distill, qat_keep=qat_keep, eval_limit=eval_limit,
+        threads=threads, latency_runs=latency_runs, latency_seconds=latency_seconds, compare_fp32=compare_fp32, isa_check=isa_check, force=force, cache=cache,
         device=device)
     report, d = result.report, result.drift
     typer.echo(f"{report['model']} -> {report['target']} {report['precision']}: top-1 "

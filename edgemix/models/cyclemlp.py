@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgemix.errors import CheckpointError, UsageError
-from edgemix.models.registry import IMAGENET, Family, SpecBase, register
+from edgemix.models.registry import IMAGENET, Family, SpecBase, register, trunc_normal_init
 
 
 @dataclass(frozen=True)
@@ -196,11 +196,7 @@ class CycleNet(nn.Module):
         self.network = nn.ModuleList(network)
         self.norm = nn.LayerNorm(dims[-1], eps=1e-5)
         self.head = nn.Linear(dims[-1], spec.num_classes)
-        for m in self.modules():  # the authors' init: truncated normal 0.02, zero biases
-            if isinstance(m, (nn.Linear, CycleFC)):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        trunc_normal_init(self, (nn.Linear, CycleFC))  # the authors' init
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)

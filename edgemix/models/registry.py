@@ -128,6 +128,16 @@ def import_same_keys(sd: dict, spec) -> tuple[dict, list[str]]:
     return out, unexpected
 
 
+def trunc_normal_init(model: nn.Module, kinds: tuple[type, ...], std: float = 0.02) -> None:
+    """The init the ViP and CycleMLP authors use: truncated-normal weights and zero biases for every
+    submodule of ``kinds``; the rest keeps PyTorch's."""
+    for m in model.modules():
+        if isinstance(m, kinds):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 def register(family: Family) -> Family:
     FAMILIES[family.name] = family
     return family

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from edgemix.errors import UsageError
-from edgemix.models.registry import IMAGENET, Family, SpecBase, import_same_keys, register
+from edgemix.models.registry import IMAGENET, Family, SpecBase, import_same_keys, register, trunc_normal_init
 
 
 @dataclass(frozen=True)
@@ -201,13 +201,7 @@ class VisionPermutator(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # the authors' init: truncated normal (std 0.02) Linear weights, zero biases; Conv and
-        # LayerNorm as PyTorch's
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        trunc_normal_init(self, (nn.Linear,))  # the authors' init; Conv and LayerNorm as PyTorch's
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
