@@ -235,7 +235,11 @@ def main() -> None:
                     help="also time whole `edgemix build` runs per model and target (cold and warm cache)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "suite.json")
     a = ap.parse_args()
+    from edgemix.verify.report import build_metadata
+
     results = run(a.models, a.batches, a.runs, a.warmup, a.threads, a.calib_images, PATHS)
+    # the date, the edgemix commit (+dirty for an uncommitted tree), the library versions and the host
+    results["provenance"] = {**build_metadata(), "command": "bench/suite.py " + " ".join(sys.argv[1:])}
     if a.full_builds:
         results["full_builds"] = full_builds(a.models, a.threads)
     if a.scale:
