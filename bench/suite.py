@@ -237,9 +237,10 @@ def main() -> None:
     a = ap.parse_args()
     from edgemix.verify.report import build_metadata
 
-    results = run(a.models, a.batches, a.runs, a.warmup, a.threads, a.calib_images, PATHS)
     # the date, the edgemix commit (+dirty for an uncommitted tree), the library versions and the host
-    results["provenance"] = {**build_metadata(), "command": "bench/suite.py " + " ".join(sys.argv[1:])}
+    provenance = {**build_metadata(), "command": "bench/suite.py " + " ".join(sys.argv[1:])}
+    results = run(a.models, a.batches, a.runs, a.warmup, a.threads, a.calib_images, PATHS)
+    results["provenance"] = provenance
     if a.full_builds:
         results["full_builds"] = full_builds(a.models, a.threads)
     if a.scale:
