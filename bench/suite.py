@@ -114,7 +114,10 @@ def _full_build_child(args) -> dict:
             "stages": {row["name"]: row["seconds"] for row in report["stages"]},
             "reference_from_cache": report["reference"].get("from_cache"),
             "fp32_from_cache": (report.get("fp32_comparison") or {}).get("fp32_from_cache"),
-            "eval_images": report["evaluation"]["samples"], "peak_rss_mb": _status_mb("VmHWM")}
+            "eval_images": report["evaluation"]["samples"],
+            # the build's peak and each stage's (edgemix.memory resets the high-water mark per stage)
+            "peak_rss_mb": report.get("peak_rss_mb") or _status_mb("VmHWM"),
+            "stages_peak_rss_mb": {row["name"]: row.get("peak_rss_mb") for row in report["stages"]}}
 
 
 def full_builds(models, threads) -> list[dict]:
@@ -222,6 +225,45 @@ def print_table(results: dict) -> None:
     Console(width=170).print(t)
 
 
+def markdown(results: dict) -> str:
+    """The committed suite JSON as the Markdown tables docs/performance.md quotes (`--markdown FILE`),
+    so that every figure there can be traced to the file and the command that wrote it."""
+    prov, m = results.get("provenance", {}), results["machine"]
+    isa = ", ".join(m.get("isa") or []) or "none"
+    lines = [f"`{prov.get('command', 'bench/suite.py')}`, {prov.get('date', '?')[:10]}, edgemix "
+             f"{str(prov.get('git_commit') or '?')[:12]}; host: {m['cpu']}, {m['cpus']} cores ({isa}), "
+             f"{results['threads']} threads; {results['runs']} interleaved runs after {results['warmup']} warm-up.", ""]
+
+    def cases_table(cases):
+        out = ["| model | batch | path | p50 ms | p90 ms | ms/image | vs eager | vs ORT FP32 | size MB | build s "
+               "| build RSS MB | run +RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for c in cases:
+            def f(key, fmt):
+                return fmt.format(c[key]) if c.get(key) is not None else ""
+            out.append(f"| {c['model']} | {c['batch']} | {c['path']} | {c['p50_ms']:.2f} | {c['p90_ms']:.2f} | "
+                       f"{c['per_image_ms']:.2f} | {f('ratio_vs_torch_eager', '{:.2f}×')} | "
+                       f"{f('ratio_vs_ort_fp32', '{:.2f}×')} | {c['bytes'] / 2**20:.1f} | "
+                       f"{'' if c['path'].startswith('torch') else f('build_s', '{:.1f}')} | "
+                       f"{f('build_peak_rss_mb', '{:.0f}')} | {f('inference_rss_mb', '{:.0f}')} |")
+        return out
+
+    lines += cases_table(results["cases"])
+    if results.get("scale"):
+        lines += ["", "Scale (batch 1, fewer runs):", ""] + cases_table(results["scale"])
+    if results.get("full_builds"):
+        rows = results["full_builds"]
+        names = []
+        for r in rows:
+            names += [n for n in r["stages"] if n not in names and n != "report"]
+        lines += ["", "| model | target | run | total s | without arm64 emulation | " + " | ".join(names)
+                  + " | peak RSS MB |", "|---" * (5 + len(names)) + "|"]
+        for r in rows:
+            stages = " | ".join(f"{r['stages'][n]:.1f}" if n in r["stages"] else "–" for n in names)
+            lines.append(f"| {r['model']} | {r['target']} | {r['run']} | {r['build_seconds']:.1f} | "
+                         f"{r['seconds_without_isa']:.1f} | {stages} | {r['peak_rss_mb'] or 0:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["s16", "fmnist"])
@@ -234,7 +276,12 @@ def main() -> None:
     ap.add_argument("--full-builds", action=argparse.BooleanOptionalAction, default=True,
                     help="also time whole `edgemix build` runs per model and target (cold and warm cache)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "suite.json")
+    ap.add_argument("--markdown", type=Path, metavar="JSON",
+                    help="print the tables of an earlier run's JSON as Markdown and exit (no measuring)")
     a = ap.parse_args()
+    if a.markdown:
+        print(markdown(json.loads(a.markdown.read_text())), end="")
+        return
     from edgemix.verify.report import build_metadata
 
     # the date, the edgemix commit (+dirty for an uncommitted tree), the library versions and the host

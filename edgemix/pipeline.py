@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgemix import cache, console, outdir
+from edgemix import cache, console, memory, outdir
 from edgemix.backends.base import BuildJob, BuiltArtifact, batched_predict
 from edgemix.config import ALIASES, BuildConfig, write_resolved_toml
 from edgemix.context import BuildContext, BuildInputs, load_inputs, resolve, tensor_sha256
@@ -48,13 +48,17 @@ def file_record(path: Path) -> dict:
 
 
 class Stages:
-    """Collects one line per stage: name, what it produced, wall time, size."""
+    """Collects one line per stage: name, what it produced, wall time, size, and the build process's
+    peak resident memory during the stage (Linux: the high-water mark, reset after each stage)."""
 
     def __init__(self):
         self.rows: list[dict] = []
+        memory.reset_peak()
 
     def __call__(self, name: str, produced: str, seconds: float, size: int | None = None) -> None:
-        self.rows.append({"name": name, "produced": produced, "seconds": round(seconds, 3), "bytes": size})
+        self.rows.append({"name": name, "produced": produced, "seconds": round(seconds, 3), "bytes": size,
+                          "peak_rss_mb": memory.peak_rss_mb()})
+        memory.reset_peak()
         console.stage_line(name, produced, seconds, size)
 
 
@@ -109,6 +113,7 @@ def _build(cfg: BuildConfig, module, calib_data, eval_data, train_data) -> dict:
             write_resolved_toml(stage_dir / "config.resolved.toml", cfg, ctx.target, ctx.recipe)
             report["stages"] = stages.rows
             report["build_seconds"] = round(time.perf_counter() - t_start, 2)
+            report["peak_rss_mb"] = memory.process_peak_rss_mb()
             report["artifact"]["dir"] = str(out)
             rep.write_json(stage_dir / "report.json", report)
             rep.write_atomic(stage_dir / "report.md", rep.render_markdown(report))

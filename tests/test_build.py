@@ -83,6 +83,11 @@ def test_phone_build_artifacts_and_report(phone):
     assert dele["delegated"]["aten.linear.default"] >= 4 * 4 + 1 + 1
     assert r["fp32_comparison"]["size_ratio"] < 0.35
     assert r["reference"]["from_cache"] is False and r["fp32_comparison"]["fp32_from_cache"] is False
+    # each stage's own peak memory; the build's is the largest of them (the model and toolchain load
+    # before the first stage, so every stage holds at least the FP32 weights)
+    peaks = {row["name"]: row["peak_rss_mb"] for row in r["stages"]}
+    assert set(peaks) >= {"reference", "calibrate", "lower", "verify"} and min(peaks.values()) > 100
+    assert r["peak_rss_mb"] >= max(peaks.values())
     # which device did what: without CUDA all FP32 work on the CPU; the artifact always on the host CPU
     if not torch.cuda.is_available():
         assert {k: r["devices"][k] for k in ("reference", "calibration", "qat", "artifact")} == dict.fromkeys(

@@ -45,6 +45,9 @@ def record(report: dict, command: str) -> dict:
         "qat_selection": (report.get("quantization") or {}).get("qat_selection"),
         # each stage's seconds as the build printed them; "report" is the whole build's
         "stages_s": {s["name"]: round(s["seconds"], 1) for s in report.get("stages", [])},
+        # each stage's peak resident memory of the build process, and the build's (None where unknown)
+        "stages_peak_rss_mb": {s["name"]: s.get("peak_rss_mb") for s in report.get("stages", [])},
+        "peak_rss_mb": report.get("peak_rss_mb"),
     }
 
 

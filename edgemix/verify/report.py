@@ -147,9 +147,10 @@ def render_markdown(r: dict) -> str:
     lines += ["## Files", "", "| file | bytes | sha256 |", "|---|---|---|"]
     for role, f in r["artifact"]["files"].items():
         lines.append(f"| {f['name']} ({role}) | {f['bytes']:,} | `{f['sha256'][:16]}` |")
-    lines += ["", "## Stages", "", "| stage | produced | seconds |", "|---|---|---|"]
+    lines += ["", "## Stages", "", "| stage | produced | seconds | peak RSS MB |", "|---|---|---|---|"]
     for s in r["stages"]:
-        lines.append(f"| {s['name']} | {s['produced']} | {s['seconds']:.1f} |")
+        peak = s.get("peak_rss_mb")
+        lines.append(f"| {s['name']} | {s['produced']} | {s['seconds']:.1f} | {'-' if peak is None else f'{peak:.0f}'} |")
     fb = r.get("details", {}).get("fallback")
     if fb:
         lines += ["", "## Per-layer sensitivity (drift with only this layer in INT8)", "",
