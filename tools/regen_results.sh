@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate (or, with --check, compare against) the committed figures under docs/results/ for the
 # trained Fashion-MNIST members, on the full test set (needs Debian's dataset-fashion-mnist).
-# With --random: paper-size variants with random weights on the shipped 1,000-image sample (no
+# With --random: paper-size variants with random weights on 200 images of the shipped sample (no
 # trained weights can be downloaded here; what these records show is drift against the FP32 model
 # and INT8's speed at the size people deploy), recorded as MODEL-random_TARGET_int8.json.
 # Each build runs alone: latency is measured, so run nothing else on the machine meanwhile.
@@ -26,7 +26,7 @@ trap 'rm -rf "$tmp"' EXIT
 rc=0
 for model in "${models[@]}"; do
   for target in phone jetson; do
-    if [[ $random == 1 ]]; then args=(--random-weights); name=$model-random
+    if [[ $random == 1 ]]; then args=(--random-weights --eval-limit 200); name=$model-random
     else args=(--eval-data fashion-mnist); name=$model; fi
     cmd="edgemix build --target $target --model $model ${args[*]}"
     $edgemix build --target "$target" --model "$model" "${args[@]}" --out "$tmp/$model-$target" -q \
