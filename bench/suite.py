@@ -264,6 +264,29 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def growth(runs: list[dict]) -> str:
+    """One row per model across suite runs (`--growth JSON...`): how artifact size, build time and
+    memory and host latency grow with the model, INT8 paths at batch 1, each against its FP32 peer."""
+    from edgemix.models import resolve_spec
+
+    by = {}
+    for results in runs:
+        for c in results["cases"] + results.get("scale", []):
+            if c["batch"] == 1:
+                by.setdefault(c["model"], {})[c["path"]] = c
+    lines = ["| model | GMACs | INT8 artifact MB (FP32) | build s, ExecuTorch / ORT QDQ | build peak RSS GB, ExecuTorch "
+             "/ ORT QDQ | ExecuTorch INT8 ms (vs eager) | ORT QDQ ms (vs ORT FP32) |", "|---|---|---|---|---|---|---|"]
+    for model, p in sorted(by.items(), key=lambda kv: resolve_spec(kv[0]).macs()):
+        et, ort = p["executorch int8"], p["onnxruntime int8 qdq"]
+        gmacs = resolve_spec(model).macs() / 1e9
+        lines.append(f"| {model} | {gmacs:.{2 if gmacs < 1 else 1}f} | {et['bytes'] / 2**20:.1f} "
+                     f"({p['executorch fp32']['bytes'] / 2**20:.0f}) | {et['build_s']:.0f} / {ort['build_s']:.0f} | "
+                     f"{et['build_peak_rss_mb'] / 1024:.1f} / {ort['build_peak_rss_mb'] / 1024:.1f} | "
+                     f"{et['p50_ms']:.1f} ({et['ratio_vs_torch_eager']:.2f}×) | "
+                     f"{ort['p50_ms']:.1f} ({ort['ratio_vs_ort_fp32']:.2f}×) |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["s16", "fmnist"])
@@ -278,7 +301,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "suite.json")
     ap.add_argument("--markdown", type=Path, metavar="JSON",
                     help="print the tables of an earlier run's JSON as Markdown and exit (no measuring)")
+    ap.add_argument("--growth", type=Path, nargs="+", metavar="JSON",
+                    help="print one row per model across earlier runs' JSON (size, build, memory, latency) and exit")
     a = ap.parse_args()
+    if a.growth:
+        print(growth([json.loads(p.read_text()) for p in a.growth]), end="")
+        return
     if a.markdown:
         print(markdown(json.loads(a.markdown.read_text())), end="")
         return

@@ -47,7 +47,7 @@ def record(report: dict, command: str) -> dict:
         "stages_s": {s["name"]: round(s["seconds"], 1) for s in report.get("stages", [])},
         # each stage's peak resident memory of the build process, and the build's (None where unknown)
         "stages_peak_rss_mb": {s["name"]: s.get("peak_rss_mb") for s in report.get("stages", [])},
-        "peak_rss_mb": report.get("peak_rss_mb"),
+        "peak_rss_mb": report.get("peak_rss_mb"), "build_seconds": report.get("build_seconds"),
     }
 
 

@@ -47,5 +47,31 @@ def rows(models: list[str]) -> list[str]:
     return out
 
 
+def stage_rows(names: list[str]) -> list[str]:
+    """Each stage's seconds and the build process's peak memory in it, one row per record
+    (``--stages NAME...``, NAME as under docs/results/ without .json)."""
+    records = [json.loads((ROOT / "docs" / "results" / f"{n}.json").read_text()) for n in names]
+    stages = []
+    for r in records:
+        stages += [s for s in r["stages_s"] if s not in stages and s != "report"]
+    out = ["| build | total s | peak RSS GB | " + " | ".join(f"{s} s (GB)" for s in stages) + " |",
+           "|---" * (3 + len(stages)) + "|"]
+    for n, r in zip(names, records):
+        peaks = r.get("stages_peak_rss_mb") or {}
+
+        def cell(s):
+            if s not in r["stages_s"]:
+                return "–"
+            peak = peaks.get(s)
+            return f"{r['stages_s'][s]:.1f}" + (f" ({peak / 1024:.1f})" if peak else "")
+        total, peak = r.get("build_seconds"), r.get("peak_rss_mb")
+        out.append(f"| `{r['command']}` | {'' if total is None else f'{total:.0f}'} | "
+                   f"{'' if not peak else f'{peak / 1024:.1f}'} | " + " | ".join(cell(s) for s in stages) + " |")
+    return out
+
+
 if __name__ == "__main__":
-    print("\n".join(rows(sys.argv[1:] or ["fmnist", "convmixer-fmnist", "vip-fmnist", "cyclemlp-fmnist"])))
+    if sys.argv[1:2] == ["--stages"]:
+        print("\n".join(stage_rows(sys.argv[2:])))
+    else:
+        print("\n".join(rows(sys.argv[1:] or ["fmnist", "convmixer-fmnist", "vip-fmnist", "cyclemlp-fmnist"])))
