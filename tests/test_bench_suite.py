@@ -42,3 +42,11 @@ def test_markdown_renders_a_run_without_scale_or_builds():
     assert "Some CPU, 2 cores (none), 2 threads" in md[0]
     assert md[-1] == "| fmnist | 1 | executorch int8 | 0.50 | 0.60 | 0.50 | 0.25× |  | 0.5 | 12.5 | 490 | 0 |"
     assert md[-2].startswith("| fmnist | 1 | torch eager fp32 | 2.00 |") and "| 2.0 |  |" in md[-2]
+
+
+def test_growth_rows_follow_the_models_size():
+    rows = _suite().growth([json.loads(RESULT.read_text())]).splitlines()[2:]
+    assert [r.split(" | ")[0] for r in rows] == ["| fmnist", "| s16", "| b16", "| l16"]  # ordered by GMACs
+    et = next(c for c in json.loads(RESULT.read_text())["cases"]
+              if (c["model"], c["batch"], c["path"]) == ("s16", 1, "executorch int8"))
+    assert f"| {et['p50_ms']:.1f} ({et['ratio_vs_torch_eager']:.2f}×) |" in rows[1]

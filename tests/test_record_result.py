@@ -79,3 +79,18 @@ def test_committed_records_are_well_formed():
         r = json.loads(path.read_text())
         assert r["command"].startswith("edgemix ") and r["date"] and r["host"]["cpu"], path
         assert r["name"] == path.stem and 0 < r["top1_deployed"] <= 1, path
+
+
+def test_stage_table_shows_each_stage_time_and_peak():
+    sys.path.insert(0, str(ROOT / "tools"))
+    from results_table import stage_rows
+
+    phone = {"command": "edgemix build --target phone --model h14 --random-weights", "build_seconds": 612.4,
+             "peak_rss_mb": 15360.0, "stages_s": {"reference": 100.0, "lower": 300.5, "isa": 60.0},
+             "stages_peak_rss_mb": {"reference": 2048.0, "lower": 15360.0, "isa": None}}
+    jetson = {"command": "edgemix build --target jetson --model h14 --random-weights", "build_seconds": 400.0,
+              "peak_rss_mb": None, "stages_s": {"reference": 0.1, "trt-check": 2.0}}  # a record without memory
+    head, rule, row_p, row_j = stage_rows([phone, jetson])
+    assert head.split(" | ")[3:] == ["reference s (GB)", "lower s (GB)", "isa s (GB)", "trt-check s (GB) |"]
+    assert row_p.endswith("| 612 | 15.0 | 100.0 (2.0) | 300.5 (15.0) | 60.0 | – |")
+    assert row_j.endswith("| 400 |  | 0.1 | – | – | 2.0 |")

@@ -47,16 +47,15 @@ def rows(models: list[str]) -> list[str]:
     return out
 
 
-def stage_rows(names: list[str]) -> list[str]:
+def stage_rows(records: list[dict]) -> list[str]:
     """Each stage's seconds and the build process's peak memory in it, one row per record
     (``--stages NAME...``, NAME as under docs/results/ without .json)."""
-    records = [json.loads((ROOT / "docs" / "results" / f"{n}.json").read_text()) for n in names]
     stages = []
     for r in records:
         stages += [s for s in r["stages_s"] if s not in stages and s != "report"]
     out = ["| build | total s | peak RSS GB | " + " | ".join(f"{s} s (GB)" for s in stages) + " |",
            "|---" * (3 + len(stages)) + "|"]
-    for n, r in zip(names, records):
+    for r in records:
         peaks = r.get("stages_peak_rss_mb") or {}
 
         def cell(s):
@@ -72,6 +71,7 @@ def stage_rows(names: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--stages"]:
-        print("\n".join(stage_rows(sys.argv[2:])))
+        print("\n".join(stage_rows([json.loads((ROOT / "docs" / "results" / f"{n}.json").read_text())
+                                     for n in sys.argv[2:]])))
     else:
         print("\n".join(rows(sys.argv[1:] or ["fmnist", "convmixer-fmnist", "vip-fmnist", "cyclemlp-fmnist"])))
