@@ -130,3 +130,32 @@ def test_export_form_is_the_same_function_and_fully_delegated():
     edge = to_edge_transform_and_lower(torch.export.export(view, (x[:1],)), partitioner=[XnnpackPartitioner()])
     report = delegation_report(edge.exported_program().graph_module, {})
     assert report["not_delegated"] == [] and report["partitions"] == 1, report["not_delegated"]
+
+
+def test_int8_graph_keeps_the_depthwise_branch_in_float():
+    """The phone's INT8 graph quantizes the 1x1 convs and the head (where INT8 is faster) and leaves
+    each depthwise conv and the per-channel affines in float: XNNPACK's INT8 depthwise conv and
+    mul/add ran slower than their FP32 kernels, which made the whole INT8 program slower."""
+    from edgemix.backends.executorch import quantizer as pt2e
+    from edgemix.backends.executorch.passes.mixer import export_view
+
+    spec = VARIANTS["convmixer-fmnist"]
+    view, what = export_view(_trained_like(spec))
+    assert "each depthwise branch left in float" in what
+    x = torch.randn(4, 1, 28, 28)
+    converted = pt2e.ptq(pt2e.export_model(view, x[:1]), x, 1, float_modules=view.float_types)
+
+    def is_dq(n):
+        return n.op == "call_function" and "dequantize_per_" in str(n.target)
+
+    convs = [n for n in converted.graph.nodes if n.op == "call_function" and "conv2d" in str(n.target)]
+    depthwise = [n for n in convs if len(n.args) > 6 and n.args[6] == spec.dim]
+    dense = [n for n in convs if n not in depthwise]
+    assert len(depthwise) == spec.depth and len(dense) == spec.depth + 1  # the blocks' 1x1 convs and the stem
+    assert not any(is_dq(n.args[1]) for n in depthwise) and all(is_dq(n.args[1]) for n in dense)
+    muls = [n for n in converted.graph.nodes if n.op == "call_function" and "aten.mul" in str(n.target)]
+    assert len(muls) == 2 * spec.depth + 1 and not any(is_dq(a) for n in muls for a in n.all_input_nodes)
+    # and still the same function as the FP32 model, up to INT8 rounding
+    with torch.no_grad():
+        ref, out = view(x), converted(x[:1])
+    assert torch.nn.functional.cosine_similarity(ref[:1], out).item() > 0.99

@@ -26,6 +26,9 @@ class ExecuTorchOptions(BaseModel):
                                       "Mixer is one delegate (false keeps ATen's native_layer_norm on the "
                                       "portable CPU kernel)")
     patch_linear: bool = Field(True, description="write the patch-embedding Conv as patchify + Linear")
+    family_float: bool = Field(True, description="leave in float what a family's export form marks as slower in "
+                               "INT8 (ConvMixer: the depthwise branches and per-channel affines); false "
+                               "quantizes every op XNNPACK can")
 
 
 @register
@@ -52,7 +55,10 @@ class ExecuTorchBackend(Backend):
         bundle_x, bundle_y = _bundle_data(job, batch)  # bad bundle data fails before any work
         decompose = opts.decompose_layernorm
         model, rewrite = export_view(job.model, decompose, opts.patch_linear)
-        float_modules = (XnnpackLayerNorm,) if decompose else ()
+        # module types the INT8 quantizer leaves in float: LayerNorm's statistics, and what a family's
+        # export form declares (e.g. ConvMixer's depthwise branches, slower in INT8 on XNNPACK)
+        float_modules = (((XnnpackLayerNorm,) if decompose else ())
+                         + (tuple(getattr(model, "float_types", ())) if opts.family_float else ()))
         example = _example_input(job, batch)
 
         t0 = time.perf_counter()  # exported before QAT too: a model that cannot export fails in seconds
