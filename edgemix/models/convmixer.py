@@ -195,8 +195,7 @@ def export_form(model: ConvMixer) -> tuple[nn.Module, str]:
     for block in view.blocks:
         _float_branches(block[0])
     view.float_types = FLOAT_TYPES
-    return view.eval(), (f"{n} BatchNorms (after an activation, not foldable into a conv) as per-channel affine "
-                         f"mul/add; each depthwise branch left in float by the INT8 quantizer")
+    return view.eval(), f"{n} BatchNorms (after an activation, not foldable into a conv) as per-channel affine mul/add"
 
 
 register(Family(name="convmixer", title="ConvMixer", spec_cls=ConvMixerSpec, variants=VARIANTS,

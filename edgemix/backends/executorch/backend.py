@@ -57,8 +57,10 @@ class ExecuTorchBackend(Backend):
         model, rewrite = export_view(job.model, decompose, opts.patch_linear)
         # module types the INT8 quantizer leaves in float: LayerNorm's statistics, and what a family's
         # export form declares (e.g. ConvMixer's depthwise branches, slower in INT8 on XNNPACK)
-        float_modules = (((XnnpackLayerNorm,) if decompose else ())
-                         + (tuple(getattr(model, "float_types", ())) if opts.family_float else ()))
+        family_float = tuple(getattr(model, "float_types", ())) if opts.family_float else ()
+        float_modules = ((XnnpackLayerNorm,) if decompose else ()) + family_float
+        if family_float and job.precision == "int8":
+            rewrite += f"; left in float by the INT8 quantizer: {', '.join(t.__name__ for t in family_float)}"
         example = _example_input(job, batch)
 
         t0 = time.perf_counter()  # exported before QAT too: a model that cannot export fails in seconds
