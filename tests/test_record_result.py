@@ -78,7 +78,8 @@ def test_committed_records_are_well_formed():
     for path in records:
         r = json.loads(path.read_text())
         assert r["command"].startswith("edgemix ") and r["date"] and r["host"]["cpu"], path
-        assert r["name"] == path.stem and 0 < r["top1_deployed"] <= 1, path
+        # a random 1000-class head scores 0 on Fashion-MNIST; its agreement with FP32 is what counts
+        assert r["name"] == path.stem and 0 <= r["top1_deployed"] <= 1 and 0 < r["agreement"] <= 1, path
 
 
 def test_stage_table_shows_each_stage_time_and_peak():
