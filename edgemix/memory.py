@@ -3,7 +3,10 @@
 The kernel keeps a high-water mark of each process's resident set (``VmHWM`` in
 ``/proc/self/status``); writing ``5`` to ``/proc/self/clear_refs`` resets it to the current
 resident set. A build reads the mark at the end of each stage and resets it, so each stage's figure
-is its own peak; the largest of them is the build's. Memory of worker processes (the arm64
+is its own peak; the largest of them is the build's (``report.json``'s ``peak_rss_mb``). The kernel
+keeps one mark per process, so a tool that reads it after the build (``/usr/bin/time -v``,
+getrusage's ``ru_maxrss``) sees only the peak since the last reset: an L/16 phone build's
+8.6 GB peak (its FP32 comparison artifact) showed as 6.3 GB in ``time -v``. Memory of worker processes (the arm64
 emulation, ExecuTorch's runner) is theirs, not counted here. Where the mark cannot be read or reset
 (not Linux, a restricted /proc) the figures are None rather than a cumulative peak posing as a
 stage's.
