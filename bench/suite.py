@@ -102,6 +102,9 @@ def _full_build_child(args) -> dict:
 
     os.environ["EDGEMIX_CACHE_DIR"] = cache_dir
     os.environ["CI"] = "true"  # no progress bars in the log
+    from edgemix import memory
+
+    memory.own_process()  # a child of its own: each stage's peak memory, as the edgemix command reports
     from edgemix.config import build_config
     from edgemix.models import DEFAULT_WEIGHTS
     from edgemix.pipeline import build

@@ -429,6 +429,9 @@ EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug in edgemix, never confused with 1 (gate
 
 
 def main() -> None:
+    from edgemix import memory
+
+    memory.own_process()  # the CLI's process is edgemix's: each build stage reports its own peak memory
     try:
         app()
     except EdgemixError as e:  # raised outside a command (should not happen, but never a traceback)

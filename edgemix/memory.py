@@ -3,10 +3,14 @@
 The kernel keeps a high-water mark of each process's resident set (``VmHWM`` in
 ``/proc/self/status``); writing ``5`` to ``/proc/self/clear_refs`` resets it to the current
 resident set. A build reads the mark at the end of each stage and resets it, so each stage's figure
-is its own peak; the largest of them is the build's (``report.json``'s ``peak_rss_mb``). The kernel
-keeps one mark per process, so a tool that reads it after the build (``/usr/bin/time -v``,
-getrusage's ``ru_maxrss``) sees only the peak since the last reset: an L/16 phone build's
-8.6 GB peak (its FP32 comparison artifact) showed as 6.3 GB in ``time -v``. Memory of worker processes (the arm64
+is its own peak; the largest of them is the build's (``report.json``'s ``peak_rss_mb``).
+
+The kernel keeps one mark per process, and a tool that reads it afterwards (``/usr/bin/time -v``,
+getrusage's ``ru_maxrss``, a notebook's memory monitor) would see only the peak since the last
+reset: an L/16 phone build's 8.6 GB peak showed as 6.3 GB in ``time -v``. So stages are measured
+only where edgemix owns the process (the ``edgemix`` command calls :func:`own_process`); inside a
+caller's process (``edgemix.build`` from Python) the mark is left alone, the stages report no peak
+and the build's peak is the process's. Memory of worker processes (the arm64
 emulation, ExecuTorch's runner) is theirs, not counted here. Where the mark cannot be read or reset
 (not Linux, a restricted /proc) the figures are None rather than a cumulative peak posing as a
 stage's.
@@ -20,6 +24,13 @@ _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _resettable: bool | None = None
 _highest = 0.0
+_owned = False
+
+
+def own_process() -> None:
+    """This process is edgemix's own (the CLI): per-stage peaks may reset the high-water mark."""
+    global _owned
+    _owned = True
 
 
 def status_mb(field: str, status: str | None = None) -> float | None:
@@ -42,6 +53,9 @@ def reset_peak() -> bool:
     not reported)."""
     global _resettable
     peak = status_mb("VmHWM")
+    if not _owned:
+        _resettable = False
+        return False
     try:
         _CLEAR_REFS.write_text("5")
     except OSError:
