@@ -35,8 +35,15 @@ for model in "${models[@]}"; do
       echo "== $name $target"
       $python tools/record_result.py "$tmp/$model-$target/report.json" --check "docs/results/${name}_${target}_int8.json" || rc=1
     else
-      $python tools/record_result.py "$tmp/$model-$target/report.json" --command "$cmd" --name "${name}_${target}_int8"
+      # into docs/results/ only when every build is done: a record written there earlier would make
+      # the next build's tree dirty (its git_commit "+dirty")
+      $python tools/record_result.py "$tmp/$model-$target/report.json" --command "$cmd" --name "${name}_${target}_int8" \
+        --results-dir "$tmp/records"
     fi
   done
 done
+if [[ $check == 0 ]] && compgen -G "$tmp/records/*.json" >/dev/null; then
+  cp "$tmp"/records/*.json docs/results/
+  (cd "$tmp/records" && printf "docs/results/%s\n" *.json)
+fi
 exit $rc
