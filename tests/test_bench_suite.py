@@ -50,3 +50,12 @@ def test_growth_rows_follow_the_models_size():
     et = next(c for c in json.loads(RESULT.read_text())["cases"]
               if (c["model"], c["batch"], c["path"]) == ("s16", 1, "executorch int8"))
     assert f"| {et['p50_ms']:.1f} ({et['ratio_vs_torch_eager']:.2f}×) |" in rows[1]
+
+
+def test_readme_growth_and_h14_tables_are_the_committed_runs():
+    suite, h14 = RESULT, RESULT.with_name("h14.json")
+    mod = _suite()
+    growth = mod.growth([json.loads(suite.read_text()), json.loads(h14.read_text())])
+    assert growth in (ROOT / "README.md").read_text()
+    assert [r.split(" | ")[0] for r in growth.splitlines()[2:]] == ["| fmnist", "| s16", "| b16", "| l16", "| h14"]
+    assert mod.markdown(json.loads(h14.read_text())) in (ROOT / "docs" / "performance.md").read_text()
