@@ -34,6 +34,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# VmRSS / VmHWM of this process from /proc (ru_maxrss is not used: it survives exec, so a spawned
+# child would report its parent's peak)
+from edgemix.memory import status_mb  # noqa: E402
+
 PATHS = [  # (name, backend, precision)
     ("torch eager fp32", None, "fp32"),
     ("onnxruntime fp32", "tensorrt", "fp32"),
@@ -41,18 +45,6 @@ PATHS = [  # (name, backend, precision)
     ("executorch fp32", "executorch", "fp32"),
     ("executorch int8", "executorch", "int8"),
 ]
-
-
-def _status_mb(field: str) -> float | None:
-    """VmRSS / VmHWM of this process in MB (Linux). ru_maxrss is not used: it survives exec, so a
-    spawned child would report its parent's peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def _target_for(backend: str, batch: int, threads: int):
@@ -90,7 +82,7 @@ def _build_child(args) -> dict:
     return {"files": {k: str(v) for k, v in art.files.items()}, "runtime": art.runtime,
             "batch_size": art.batch_size, "dynamic_batch": art.dynamic_batch, "quantization": art.quantization,
             "details": art.details, "build_s": time.perf_counter() - t,
-            "build_peak_rss_mb": _status_mb("VmHWM"),  # this child's own peak: exec started a fresh one
+            "build_peak_rss_mb": status_mb("VmHWM"),  # this child's own peak: exec started a fresh one
             "bytes": Path(art.files["model"]).stat().st_size}
 
 
@@ -119,7 +111,7 @@ def _full_build_child(args) -> dict:
             "fp32_from_cache": (report.get("fp32_comparison") or {}).get("fp32_from_cache"),
             "eval_images": report["evaluation"]["samples"],
             # the build's peak and each stage's (edgemix.memory resets the high-water mark per stage)
-            "peak_rss_mb": report.get("peak_rss_mb") or _status_mb("VmHWM"),
+            "peak_rss_mb": report.get("peak_rss_mb") or status_mb("VmHWM"),
             "stages_peak_rss_mb": {row["name"]: row.get("peak_rss_mb") for row in report["stages"]}}
 
 
@@ -142,13 +134,19 @@ def full_builds(models, threads) -> list[dict]:
     return rows
 
 
+def _stage_names(rows: list[dict]) -> list[str]:
+    """Every stage any of the builds ran, in the order they first appear."""
+    names = []
+    for r in rows:
+        names += [n for n in r["stages"] if n not in names]
+    return names
+
+
 def print_builds(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    names = []
-    for r in rows:
-        names += [n for n in r["stages"] if n not in names and n != "report"]
+    names = _stage_names(rows)
     t = Table("model", "target", "run", "total s", "w/o isa s", *names, "peak RSS MB",
               title="edgemix build, end to end (1,000 verification images, 128 calibration images)")
     for r in rows:
@@ -190,11 +188,11 @@ def run(models, batches, runs, warmup, threads, calib_images, paths) -> dict:
                     art = BuiltArtifact(files={k: Path(v) for k, v in built["files"].items()},
                                         runtime=built["runtime"], batch_size=built["batch_size"],
                                         dynamic_batch=built["dynamic_batch"])
-                    rss0 = _status_mb("VmRSS")
+                    rss0 = status_mb("VmRSS")
                     fns[name] = get_backend(backend_name).load_predictor(art, threads)
                     fns[name](xn)  # loaded and run once: the runtime's buffers are allocated
                     info[name] = {k: built[k] for k in ("build_s", "build_peak_rss_mb", "bytes")}
-                    info[name]["inference_rss_mb"] = _status_mb("VmRSS") - rss0 if rss0 is not None else None
+                    info[name]["inference_rss_mb"] = status_mb("VmRSS") - rss0 if rss0 is not None else None
                     print(f"  built {alias} b{batch} {name} in {built['build_s']:.1f} s", flush=True)
                 samples = measure_interleaved(fns, xn, warmup, runs)
                 eager_p50 = summarize(samples["torch eager fp32"], batch)["p50"] if "torch eager fp32" in samples else None
@@ -207,7 +205,7 @@ def run(models, batches, runs, warmup, threads, calib_images, paths) -> dict:
                             "ratio_vs_ort_fp32": lat["p50"] / ort_fp32 if ort_fp32 and "onnxruntime" in name else None,
                             **info[name]}
                     results["cases"].append(case)
-                results.setdefault("inference_peak_rss_mb", {})[f"{alias}_b{batch}"] = _status_mb("VmHWM")
+                results.setdefault("inference_peak_rss_mb", {})[f"{alias}_b{batch}"] = status_mb("VmHWM")
                 del fns
     return results
 
@@ -255,9 +253,7 @@ def markdown(results: dict) -> str:
         lines += ["", "Scale (batch 1, fewer runs):", ""] + cases_table(results["scale"])
     if results.get("full_builds"):
         rows = results["full_builds"]
-        names = []
-        for r in rows:
-            names += [n for n in r["stages"] if n not in names and n != "report"]
+        names = _stage_names(rows)
         lines += ["", "| model | target | run | total s | without arm64 emulation | " + " | ".join(names)
                   + " | peak RSS MB |", "|---" * (5 + len(names)) + "|"]
         for r in rows:

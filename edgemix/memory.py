@@ -52,10 +52,10 @@ def reset_peak() -> bool:
     """Start a new high-water mark; False where the kernel does not let us (then per-stage peaks are
     not reported)."""
     global _resettable
-    peak = status_mb("VmHWM")
     if not _owned:
         _resettable = False
         return False
+    peak = status_mb("VmHWM")
     try:
         _CLEAR_REFS.write_text("5")
     except OSError:

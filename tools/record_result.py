@@ -43,7 +43,7 @@ def record(report: dict, command: str) -> dict:
         "p50_ms": (report.get("latency_ms") or {}).get("p50"), "fp32_p50_ms": cmp.get("fp32_p50_ms"),
         "latency_ratio": cmp.get("latency_ratio"), "int8_faster": cmp.get("int8_faster"),
         "qat_selection": (report.get("quantization") or {}).get("qat_selection"),
-        # each stage's seconds as the build printed them; "report" is the whole build's
+        # each stage's seconds as the build printed them (the whole build's: build_seconds)
         "stages_s": {s["name"]: round(s["seconds"], 1) for s in report.get("stages", [])},
         # each stage's peak resident memory of the build process, and the build's (None where unknown)
         "stages_peak_rss_mb": {s["name"]: s.get("peak_rss_mb") for s in report.get("stages", [])},

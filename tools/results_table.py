@@ -52,7 +52,7 @@ def stage_rows(records: list[dict]) -> list[str]:
     (``--stages NAME...``, NAME as under docs/results/ without .json)."""
     stages = []
     for r in records:
-        stages += [s for s in r["stages_s"] if s not in stages and s != "report"]
+        stages += [s for s in r["stages_s"] if s not in stages]
     out = ["| build | total s | peak RSS GB | " + " | ".join(f"{s} s (GB)" for s in stages) + " |",
            "|---" * (3 + len(stages)) + "|"]
     for r in records:
