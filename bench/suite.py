@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 # VmRSS / VmHWM of this process from /proc (ru_maxrss is not used: it survives exec, so a spawned
 # child would report its parent's peak)
-from edgemix.memory import status_mb  # noqa: E402
+from edgemix.memory import status_mb
 
 PATHS = [  # (name, backend, precision)
     ("torch eager fp32", None, "fp32"),
@@ -235,17 +235,18 @@ def markdown(results: dict) -> str:
              f"{str(prov.get('git_commit') or '?')[:12]}; host: {m['cpu']}, {m['cpus']} cores ({isa}), "
              f"{results['threads']} threads; {results['runs']} interleaved runs after {results['warmup']} warm-up.", ""]
 
+    def cell(c, key, fmt):
+        return fmt.format(c[key]) if c.get(key) is not None else ""
+
     def cases_table(cases):
         out = ["| model | batch | path | p50 ms | p90 ms | ms/image | vs eager | vs ORT FP32 | size MB | build s "
                "| build RSS MB | run +RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in cases:
-            def f(key, fmt):
-                return fmt.format(c[key]) if c.get(key) is not None else ""
             out.append(f"| {c['model']} | {c['batch']} | {c['path']} | {c['p50_ms']:.2f} | {c['p90_ms']:.2f} | "
-                       f"{c['per_image_ms']:.2f} | {f('ratio_vs_torch_eager', '{:.2f}×')} | "
-                       f"{f('ratio_vs_ort_fp32', '{:.2f}×')} | {c['bytes'] / 2**20:.1f} | "
-                       f"{'' if c['path'].startswith('torch') else f('build_s', '{:.1f}')} | "
-                       f"{f('build_peak_rss_mb', '{:.0f}')} | {f('inference_rss_mb', '{:.0f}')} |")
+                       f"{c['per_image_ms']:.2f} | {cell(c, 'ratio_vs_torch_eager', '{:.2f}×')} | "
+                       f"{cell(c, 'ratio_vs_ort_fp32', '{:.2f}×')} | {c['bytes'] / 2**20:.1f} | "
+                       f"{'' if c['path'].startswith('torch') else cell(c, 'build_s', '{:.1f}')} | "
+                       f"{cell(c, 'build_peak_rss_mb', '{:.0f}')} | {cell(c, 'inference_rss_mb', '{:.0f}')} |")
         return out
 
     lines += cases_table(results["cases"])

@@ -47,6 +47,14 @@ def rows(models: list[str]) -> list[str]:
     return out
 
 
+def _stage_cell(r: dict, stage: str) -> str:
+    """A stage's seconds and, where recorded, its peak memory in GB; a dash where the build had no such stage."""
+    if stage not in r["stages_s"]:
+        return "–"
+    peak = (r.get("stages_peak_rss_mb") or {}).get(stage)
+    return f"{r['stages_s'][stage]:.1f}" + (f" ({peak / 1024:.1f})" if peak else "")
+
+
 def stage_rows(records: list[dict]) -> list[str]:
     """Each stage's seconds and the build process's peak memory in it, one row per record
     (``--stages NAME...``, NAME as under docs/results/ without .json)."""
@@ -56,16 +64,9 @@ def stage_rows(records: list[dict]) -> list[str]:
     out = ["| build | total s | peak RSS GB | " + " | ".join(f"{s} s (GB)" for s in stages) + " |",
            "|---" * (3 + len(stages)) + "|"]
     for r in records:
-        peaks = r.get("stages_peak_rss_mb") or {}
-
-        def cell(s):
-            if s not in r["stages_s"]:
-                return "–"
-            peak = peaks.get(s)
-            return f"{r['stages_s'][s]:.1f}" + (f" ({peak / 1024:.1f})" if peak else "")
         total, peak = r.get("build_seconds"), r.get("peak_rss_mb")
         out.append(f"| `{r['command']}` | {'' if total is None else f'{total:.0f}'} | "
-                   f"{'' if not peak else f'{peak / 1024:.1f}'} | " + " | ".join(cell(s) for s in stages) + " |")
+                   f"{'' if not peak else f'{peak / 1024:.1f}'} | " + " | ".join(_stage_cell(r, s) for s in stages) + " |")
     return out
 
 
