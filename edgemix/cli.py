@@ -247,6 +247,8 @@ def build_cmd(
     qat_distill: float = typer.Option(1.0, "--qat-distill",
                                       help="QAT loss: weight of distillation towards the FP32 model's logits "
                                            "(1: its outputs only, 0: the labels only, between: a blend)."),
+    qat_loss: str = typer.Option("kl", "--qat-loss",
+                                 help="QAT distillation term: kl (soft targets) or mse (the FP32 logits themselves)."),
     eval_data: str = typer.Option("sample", "--eval-data", help="Verification data: sample, fashion-mnist, or a folder."),
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Verify on a stratified subset of this size."),
     out: Optional[Path] = typer.Option(None, "--out", "-o",
@@ -292,7 +294,7 @@ def build_cmd(
         model, target, weights=weights, precision=precision, calib=calib, eval_data=eval_data,
         train_data=train_data, out=out, quiet=quiet, verbose=verbose, backend_options=options, fallback=fallback,
         random_weights=random_weights, image_size=image_size, num_classes=num_classes, reset_head=reset_head,
-        qat_epochs=qat_epochs, qat_lr=qat_lr, qat_distill=qat_distill, qat_keep=qat_keep, eval_limit=eval_limit,
+        qat_epochs=qat_epochs, qat_lr=qat_lr, qat_distill=qat_distill, qat_loss=qat_loss, qat_keep=qat_keep, eval_limit=eval_limit,
         threads=threads, latency_runs=latency_runs, latency_seconds=latency_seconds, compare_fp32=compare_fp32, isa_check=isa_check, force=force, cache=cache,
         device=device)
     report, d = result.report, result.drift

@@ -229,6 +229,7 @@ class BuildConfig(_Strict):
     train_data: str = "sample"
     qat_lr: float = Field(1e-4, gt=0)
     qat_distill: float = Field(1.0, ge=0, le=1)  # QAT loss: 1 = distill the FP32 logits, 0 = labels only
+    qat_loss: Literal["kl", "mse"] = "kl"  # the distillation term: KL on soft targets, or MSE on the logits
     qat_keep: Literal["better", "qat"] = "better"  # keep PTQ when it agrees better with FP32
     qat_batch_size: int = Field(64, ge=1)
     eval_data: str = "sample"

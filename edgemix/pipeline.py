@@ -228,7 +228,7 @@ def _lower(stage_dir: Path, ctx: BuildContext, inp: BuildInputs, ref: Reference,
         # QAT fine-tunes a converged model to absorb rounding: plain data, no label smoothing or decay,
         # which would pull it away from the FP32 optimum it is meant to stay near
         train_config=TrainConfig(epochs=cfg.qat_epochs or 1.0, batch_size=cfg.qat_batch_size, lr=cfg.qat_lr,
-                                 distill=cfg.qat_distill,
+                                 distill=cfg.qat_distill, distill_loss=cfg.qat_loss,
                                  warmup_epochs=0.0, seed=recipe.seed, augment=False, label_smoothing=0.0,
                                  weight_decay=0.0),
         bundle_inputs=eval_inputs[:bundle_n], bundle_outputs=torch.from_numpy(ref.logits[:bundle_n]),

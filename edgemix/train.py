@@ -22,6 +22,9 @@ from edgemix.data import ImageSet, to_model_input
 from edgemix.errors import UsageError
 
 
+DISTILL_LOSSES = ("kl", "mse")
+
+
 @dataclass
 class TrainConfig:
     epochs: float = 12.0  # fractional epochs allowed (QAT fine-tuning often needs less than one)
@@ -37,6 +40,9 @@ class TrainConfig:
     # distill * T^2 * KL(teacher/T || student/T) + (1 - distill) * cross-entropy on the labels
     distill: float = 0.0
     temperature: float = 1.0
+    # the distillation term: "kl" (soft targets at the temperature) or "mse" (the logits themselves,
+    # which holds the student's margins, and so its top-1, closest to the teacher's)
+    distill_loss: str = "kl"
 
     def validate(self) -> None:
         if not self.epochs > 0:
@@ -57,13 +63,18 @@ class TrainConfig:
                              hint="1 learns the FP32 model's outputs only, 0 the labels only")
         if not self.temperature > 0:
             raise UsageError(f"the distillation temperature must be > 0, got {self.temperature}")
+        if self.distill_loss not in DISTILL_LOSSES:
+            from edgemix.errors import unknown_choice
+
+            raise unknown_choice("distillation loss", self.distill_loss, DISTILL_LOSSES)
 
 
 def loss_name(cfg: TrainConfig) -> str:
     """The training loss in words (for reports)."""
     if cfg.distill == 0:
         return "cross-entropy on the labels"
-    kd = f"distillation towards the FP32 model's logits (temperature {cfg.temperature:g})"
+    kd = (f"distillation towards the FP32 model's logits (temperature {cfg.temperature:g})" if cfg.distill_loss == "kl"
+          else "distillation towards the FP32 model's logits (mean squared error on the logits)")
     return kd if cfg.distill == 1 else f"{cfg.distill:g} x {kd} + {1 - cfg.distill:g} x cross-entropy on the labels"
 
 
@@ -73,6 +84,8 @@ def training_loss(logits: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
     ce = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing) if cfg.distill < 1 else 0.0
     if teacher_logits is None or cfg.distill == 0:
         return ce
+    if cfg.distill_loss == "mse":
+        return cfg.distill * F.mse_loss(logits, teacher_logits) + (1 - cfg.distill) * ce
     t = cfg.temperature
     kd = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
                   log_target=True, reduction="batchmean") * t * t

@@ -6,7 +6,7 @@ import torch
 
 from conftest import assert_clean_error, run_cli
 from edgemix.errors import UsageError
-from edgemix.train import TrainConfig, training_loss
+from edgemix.train import TrainConfig, loss_name, training_loss
 
 
 def test_distillation_loss_is_zero_on_the_teachers_own_logits_and_blends_with_labels():
@@ -23,7 +23,25 @@ def test_distillation_loss_is_zero_on_the_teachers_own_logits_and_blends_with_la
     assert training_loss(logits, labels, labels_only, other).item() == pytest.approx(ce.item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("bad", [{"distill": 1.5}, {"distill": -0.1}, {"temperature": 0.0}])
+def test_mse_distillation_matches_the_logits_themselves_and_says_so():
+    torch.manual_seed(0)
+    logits, labels, other = torch.randn(8, 10), torch.randint(0, 10, (8,)), torch.randn(8, 10)
+    mse = TrainConfig(distill=1.0, label_smoothing=0.0, distill_loss="mse")
+    assert training_loss(logits, labels, mse, logits).item() == pytest.approx(0.0, abs=1e-7)
+    expected = ((logits - other) ** 2).mean().item()
+    assert training_loss(logits, labels, mse, other).item() == pytest.approx(expected, rel=1e-6)
+    # a logit shift that leaves the softmax alone costs nothing under KL and something under MSE
+    kl = TrainConfig(distill=1.0, label_smoothing=0.0)
+    assert training_loss(logits + 1.0, labels, kl, logits).item() == pytest.approx(0.0, abs=1e-5)
+    assert training_loss(logits + 1.0, labels, mse, logits).item() == pytest.approx(1.0, rel=1e-6)
+    ce = torch.nn.functional.cross_entropy(logits, labels)
+    half = TrainConfig(distill=0.5, label_smoothing=0.0, distill_loss="mse")
+    assert training_loss(logits, labels, half, other).item() == pytest.approx(0.5 * expected + 0.5 * ce.item(), rel=1e-5)
+    assert "mean squared error" in loss_name(mse) and "temperature" in loss_name(kl)
+
+
+@pytest.mark.parametrize("bad", [{"distill": 1.5}, {"distill": -0.1}, {"temperature": 0.0},
+                                 {"distill_loss": "l2"}])
 def test_distillation_settings_are_checked(bad):
     with pytest.raises(UsageError):
         TrainConfig(**bad).validate()
@@ -76,6 +94,7 @@ def test_bad_qat_requests_are_usage_errors(tmp_path):
     assert_clean_error(run_cli(*base, "--qat-epochs", "1", "--qat-lr", "0"), 2, "--qat-lr")
     assert_clean_error(run_cli(*base, "--qat-epochs", "1", "--qat-distill", "2"), 2, "--qat-distill")
     assert_clean_error(run_cli(*base, "--qat-epochs", "1", "--qat-keep", "bettr"), 2, "did you mean 'better'")
+    assert_clean_error(run_cli(*base, "--qat-epochs", "1", "--qat-loss", "mes"), 2, "did you mean 'mse'")
     other = tmp_path / "other"  # a training folder with 12 classes for a 10-class model
     for c in range(12):
         (other / f"c{c:02d}").mkdir(parents=True)
