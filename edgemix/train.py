@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from edgemix import console
 from edgemix.data import ImageSet, to_model_input
-from edgemix.errors import UsageError
+from edgemix.errors import UsageError, unknown_choice
 
 
 DISTILL_LOSSES = ("kl", "mse")
@@ -64,8 +64,6 @@ class TrainConfig:
         if not self.temperature > 0:
             raise UsageError(f"the distillation temperature must be > 0, got {self.temperature}")
         if self.distill_loss not in DISTILL_LOSSES:
-            from edgemix.errors import unknown_choice
-
             raise unknown_choice("distillation loss", self.distill_loss, DISTILL_LOSSES)
 
 
@@ -73,8 +71,8 @@ def loss_name(cfg: TrainConfig) -> str:
     """The training loss in words (for reports)."""
     if cfg.distill == 0:
         return "cross-entropy on the labels"
-    kd = (f"distillation towards the FP32 model's logits (temperature {cfg.temperature:g})" if cfg.distill_loss == "kl"
-          else "distillation towards the FP32 model's logits (mean squared error on the logits)")
+    how = f"temperature {cfg.temperature:g}" if cfg.distill_loss == "kl" else "mean squared error on the logits"
+    kd = f"distillation towards the FP32 model's logits ({how})"
     return kd if cfg.distill == 1 else f"{cfg.distill:g} x {kd} + {1 - cfg.distill:g} x cross-entropy on the labels"
 
 
@@ -85,10 +83,11 @@ def training_loss(logits: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
     if teacher_logits is None or cfg.distill == 0:
         return ce
     if cfg.distill_loss == "mse":
-        return cfg.distill * F.mse_loss(logits, teacher_logits) + (1 - cfg.distill) * ce
-    t = cfg.temperature
-    kd = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
-                  log_target=True, reduction="batchmean") * t * t
+        kd = F.mse_loss(logits, teacher_logits)
+    else:
+        t = cfg.temperature
+        kd = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                      log_target=True, reduction="batchmean") * t * t
     return cfg.distill * kd + (1 - cfg.distill) * ce
 
 
