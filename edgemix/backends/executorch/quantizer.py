@@ -160,13 +160,21 @@ def activation_observer(name: str, percentile: float = 99.99):
     raise unknown_choice("observer", name, OBSERVERS)
 
 
+_WEIGHT_EPS = 2 ** -12  # the XNNPACK quantizer's own floor on a weight scale
+
+
 def make_quantizer(observer: str = "minmax", percentile: float = 99.99, qat: bool = False,
                    float_modules: tuple[type, ...] = ()):
     """XNNPACKQuantizer: per-channel symmetric weights, the chosen per-tensor activation observer.
 
     For QAT the activation observer sits inside a FakeQuantize, so that QAT calibrates its ranges
-    exactly as PTQ does before fine-tuning (see :func:`qat`); weights keep the quantizer's QAT
-    fake-quant, whose per-channel observer follows the weights as they train.
+    exactly as PTQ does before fine-tuning (see :func:`qat`). Weights get a plain FakeQuantize
+    around a per-channel min-max observer, not the quantizer's QAT default
+    (FusedMovingAvgObsFakeQuantize): that fused kernel computes its symmetric scale as
+    max|w| / 127.5 while convert_pt2e reads the observer's max|w| / 127, so QAT trained the weights
+    on a grid 0.4% off the one the converted graph uses and their learned rounding was lost
+    (pytorch/ao#4824, fixed after torchao 0.18). With this one, the fake-quant graph and the
+    converted graph compute the same logits.
     ``float_modules``: module types whose ops must stay in float (the quantizer would otherwise
     quantize the adds and muls of a decomposed LayerNorm, whose statistics INT8 cannot carry).
     """
@@ -174,15 +182,18 @@ def make_quantizer(observer: str = "minmax", percentile: float = 99.99, qat: boo
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
-    from torchao.quantization.pt2e import FakeQuantize
+    from torchao.quantization.pt2e import FakeQuantize, PerChannelMinMaxObserver
     from torchao.quantization.pt2e.quantizer.utils import QuantizationConfig
 
     base = get_symmetric_quantization_config(is_per_channel=True, is_qat=qat)
     ctr = activation_observer(observer, percentile)
+    weight = base.weight
     if qat:
         ctr = FakeQuantize.with_args(observer=ctr)
+        weight = dataclasses.replace(weight, observer_or_fake_quant_ctr=FakeQuantize.with_args(
+            observer=PerChannelMinMaxObserver, eps=_WEIGHT_EPS))
     act = dataclasses.replace(base.input_activation, observer_or_fake_quant_ctr=ctr)
-    quantizer = XNNPACKQuantizer().set_global(QuantizationConfig(act, act, base.weight, base.bias, qat))
+    quantizer = XNNPACKQuantizer().set_global(QuantizationConfig(act, act, weight, base.bias, qat))
     for module_type in float_modules:
         quantizer.set_module_type(module_type, None)
     return quantizer
@@ -249,6 +260,33 @@ def qat(model: torch.nn.Module, spec, train_set, epochs: float, train_config=Non
     ``train_config.batch_size`` while the artifact is exported at the target's batch. The caller
     re-exports the converted graph at its own batch size.
     """
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    from edgemix.train import fit
+
+    if train_set is None or len(train_set) == 0:
+        raise UsageError("quantization-aware training needs training images, got none",
+                         hint="give a training data source for --qat-epochs, or use post-training calibration")
+    cfg = default_qat_config(epochs) if train_config is None else dataclasses.replace(train_config, epochs=epochs)
+    if cfg.batch_size > len(train_set):
+        cfg = dataclasses.replace(cfg, batch_size=len(train_set))
+    prepared, set_train = prepare_qat(model, calib_inputs, cfg.batch_size, observer, percentile, float_modules, device)
+    fit(prepared, list(prepared.parameters()), spec, train_set, cfg, set_train=set_train, desc="qat",
+        device=device, teacher=model)  # distills the FP32 model's own outputs when cfg.distill > 0
+    set_train(False)
+    with torch.no_grad():  # the weight observers last saw the weights before the final step: show them these
+        prepared(to_device(calib_inputs[:cfg.batch_size], device))
+    return convert_pt2e(prepared.to("cpu"))
+
+
+def prepare_qat(model: torch.nn.Module, calib_inputs: torch.Tensor | None, batch_size: int,
+                observer: str = "minmax", percentile: float = 99.99, float_modules: tuple[type, ...] = (),
+                device: str = "cpu"):
+    """The fake-quant graph QAT trains, calibrated and in eval mode; returns ``(prepared, set_train)``
+    (``set_train(flag)``: torchao's train/eval switch, never ``.train()`` on an exported graph).
+    Exported from a copy of ``model``: an exported graph shares its parameters with the module it came
+    from, and QAT would otherwise train the caller's FP32 model (the build's reference, teacher and
+    FP32 twin) in place. ``convert_pt2e`` of it computes the same logits as it does."""
     from torchao.quantization.pt2e import (
         FakeQuantizeBase,
         disable_fake_quant,
@@ -256,41 +294,28 @@ def qat(model: torch.nn.Module, spec, train_set, epochs: float, train_config=Non
         move_exported_model_to_eval,
         move_exported_model_to_train,
     )
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
-    from edgemix.train import fit
-
-    if train_set is None or len(train_set) == 0:
-        raise UsageError("quantization-aware training needs training images, got none",
-                         hint="give a training data source for --qat-epochs, or use post-training calibration")
     if calib_inputs is None or len(calib_inputs) == 0:
         raise UsageError("quantization-aware training calibrates its activation ranges first and got "
                          "no calibration images", hint="set images >= 1 in the calibration recipe")
-    cfg = default_qat_config(epochs) if train_config is None else dataclasses.replace(train_config, epochs=epochs)
-    if cfg.batch_size > len(train_set):
-        cfg = dataclasses.replace(cfg, batch_size=len(train_set))
-    # from a copy: an exported graph shares its parameters with the module it came from, and QAT would
-    # otherwise train the caller's FP32 model (the build's reference, teacher and FP32 twin) in place
-    exported = export_model(copy.deepcopy(model), calib_inputs[:cfg.batch_size], dynamic_batch=True,
-                            max_batch=max(cfg.batch_size, 2))
+    exported = export_model(copy.deepcopy(model), calib_inputs[:batch_size], dynamic_batch=True,
+                            max_batch=max(batch_size, 2))
     prepared = prepare_qat_pt2e(exported.module(), make_quantizer(observer, percentile, True, float_modules))
 
-    def set_train(flag: bool) -> None:  # never .train()/.eval() on an exported graph: torchao's switch
+    def set_train(flag: bool) -> None:
         (move_exported_model_to_train if flag else move_exported_model_to_eval)(prepared)
 
     set_train(False)
     prepared.to(device)  # calibration and fine-tuning on ``device``; converted on the CPU
     prepared.apply(disable_fake_quant)
-    calibrate(prepared, calib_inputs, min(cfg.batch_size, len(calib_inputs)), desc="qat ranges", device=device)
+    calibrate(prepared, calib_inputs, min(batch_size, len(calib_inputs)), desc="qat ranges", device=device)
     prepared.apply(enable_fake_quant)
     for module in prepared.modules():
         if isinstance(module, FakeQuantizeBase) and module.qscheme in (torch.per_tensor_affine,
                                                                        torch.per_tensor_symmetric):
             module.disable_observer()  # activations: frozen; per-channel weight observers keep tracking
-    fit(prepared, list(prepared.parameters()), spec, train_set, cfg, set_train=set_train, desc="qat",
-        device=device, teacher=model)  # distills the FP32 model's own outputs when cfg.distill > 0
-    set_train(False)
-    return convert_pt2e(prepared.to("cpu"))
+    return prepared, set_train
 
 
 # ------------------------------------------------------------------------------ what stays float
