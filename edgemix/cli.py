@@ -240,15 +240,15 @@ def build_cmd(
     qat_epochs: float = typer.Option(0.0, "--qat-epochs", help="Quantization-aware fine-tuning epochs (0 = PTQ)."),
     train_data: Optional[str] = typer.Option(None, "--train-data",
                                              help="QAT training data (default: fashion-mnist if installed, else sample)."),
-    qat_lr: float = typer.Option(1e-4, "--qat-lr"),
+    qat_lr: float = typer.Option(3e-5, "--qat-lr"),
     qat_keep: str = typer.Option("better", "--qat-keep",
                                  help="better: keep PTQ's model when it agrees better with FP32 than QAT's; "
                                       "qat: always QAT's."),
     qat_distill: float = typer.Option(1.0, "--qat-distill",
                                       help="QAT loss: weight of distillation towards the FP32 model's logits "
                                            "(1: its outputs only, 0: the labels only, between: a blend)."),
-    qat_loss: str = typer.Option("kl", "--qat-loss",
-                                 help="QAT distillation term: kl (soft targets) or mse (the FP32 logits themselves)."),
+    qat_loss: str = typer.Option("mse", "--qat-loss",
+                                 help="QAT distillation term: mse (the FP32 logits themselves) or kl (soft targets)."),
     eval_data: str = typer.Option("sample", "--eval-data", help="Verification data: sample, fashion-mnist, or a folder."),
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Verify on a stratified subset of this size."),
     out: Optional[Path] = typer.Option(None, "--out", "-o",

@@ -216,7 +216,7 @@ def _lower(stage_dir: Path, ctx: BuildContext, inp: BuildInputs, ref: Reference,
            stages: Stages) -> BuiltArtifact:
     """Quantize and lower (the backend's stages), the accuracy fallback when asked, and the reference
     inputs/outputs every device runner verifies against."""
-    from edgemix.train import TrainConfig
+    from edgemix.train import qat_config
 
     cfg, recipe = ctx.cfg, ctx.recipe
     bundle_n = min(cfg.bundle_images, len(inp.eval_set))
@@ -225,12 +225,8 @@ def _lower(stage_dir: Path, ctx: BuildContext, inp: BuildInputs, ref: Reference,
         calib_inputs=inp.calib_inputs, stage_dir=stage_dir,
         basename=f"{inp.spec.name}_{target_label(ctx.target)}_{cfg.precision}", qat_epochs=cfg.qat_epochs,
         train_set=inp.train_set,
-        # QAT fine-tunes a converged model to absorb rounding: plain data, no label smoothing or decay,
-        # which would pull it away from the FP32 optimum it is meant to stay near
-        train_config=TrainConfig(epochs=cfg.qat_epochs or 1.0, batch_size=cfg.qat_batch_size, lr=cfg.qat_lr,
-                                 distill=cfg.qat_distill, distill_loss=cfg.qat_loss,
-                                 warmup_epochs=0.0, seed=recipe.seed, augment=False, label_smoothing=0.0,
-                                 weight_decay=0.0),
+        train_config=dataclasses.replace(qat_config(cfg.qat_epochs or 1.0, recipe.seed), batch_size=cfg.qat_batch_size,
+                                         lr=cfg.qat_lr, distill=cfg.qat_distill, distill_loss=cfg.qat_loss),
         bundle_inputs=eval_inputs[:bundle_n], bundle_outputs=torch.from_numpy(ref.logits[:bundle_n]),
         options=dict(cfg.backend_options), stage=stages, device=ctx.devices["calibration"],
     )

@@ -67,6 +67,15 @@ class TrainConfig:
             raise unknown_choice("distillation loss", self.distill_loss, DISTILL_LOSSES)
 
 
+def qat_config(epochs: float, seed: int = 0) -> TrainConfig:
+    """QAT fine-tuning settings, the defaults of ``edgemix build --qat-epochs`` and of the backends
+    when a caller gives none: lr 3e-5, batch 64, the FP32 logits distilled by MSE; no warm-up,
+    augmentation, label smoothing or weight decay, which would pull a converged model away from the
+    FP32 optimum it is meant to stay near (docs/qat.md has the sweep behind these)."""
+    return TrainConfig(epochs=epochs, batch_size=64, lr=3e-5, weight_decay=0.0, warmup_epochs=0.0,
+                       label_smoothing=0.0, augment=False, seed=seed, distill=1.0, distill_loss="mse")
+
+
 def loss_name(cfg: TrainConfig) -> str:
     """The training loss in words (for reports)."""
     if cfg.distill == 0:

@@ -382,7 +382,9 @@ def test_phone_qat_build_runs(tmp_path):
     # QAT must earn its cost: PTQ's and QAT's written artifacts side by side, the better one shipped
     sel = r["quantization"]["qat_selection"]
     assert sel["qat_epochs"] == 0.1 and sel["images"] == 100 and sel["rule"] == "better"
-    assert "distillation" in sel["qat_loss"]
+    assert "mean squared error" in sel["qat_loss"]  # the default schedule: MSE on the FP32 logits, lr 3e-5
+    resolved = tomllib.loads((out / "config.resolved.toml").read_text())["build"]
+    assert (resolved["qat_lr"], resolved["qat_loss"]) == (3e-5, "mse")
     assert sel["kept"] == ("ptq" if sel["ptq"]["agreement"] > sel["qat"]["agreement"] else "qat")
     assert r["drift"]["agreement"] == sel[sel["kept"]]["agreement"]  # what ships is what was kept
     assert r["quantization"]["qat_epochs"] == (0.1 if sel["kept"] == "qat" else 0.0)

@@ -15,7 +15,7 @@ from edgemix.backends.executorch.delegation import _partitioner_reasons, delegat
 from edgemix.backends.executorch.passes import XnnpackLayerNorm, drop_provenance, export_view
 from edgemix.backends.executorch.runtime import ExecuTorchPredictor
 from edgemix.errors import ToolchainError, UsageError
-from edgemix.train import loss_name
+from edgemix.train import loss_name, qat_config
 
 
 class ExecuTorchOptions(BaseModel):
@@ -78,7 +78,7 @@ class ExecuTorchBackend(Backend):
                                      device=job.device)
                 quant.update(observer=f"{job.recipe.observer} (calibrated, then frozen for QAT)",
                              qat_epochs=float(job.qat_epochs), calibration_images=len(job.calib_inputs),
-                             qat_loss=loss_name(job.train_config or pt2e.default_qat_config(job.qat_epochs)),
+                             qat_loss=loss_name(job.train_config or qat_config(job.qat_epochs)),
                              qat_train_images=len(job.train_set))
                 produced = f"QAT {job.qat_epochs:g} epochs on {len(job.train_set)} images"
                 stage_name = "qat"

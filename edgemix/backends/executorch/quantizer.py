@@ -234,15 +234,6 @@ def ptq(exported: torch.export.ExportedProgram, calib_inputs: torch.Tensor, batc
     return convert_pt2e(prepared.to("cpu"))
 
 
-def default_qat_config(epochs: float):
-    """Fine-tuning settings when the caller has none: the ones verified on fmnist (QAT at least as
-    accurate as PTQ): lr 1e-4 (the weights are trained; they only adapt to the grid), batch 64,
-    no warm-up, the training loop's augmentation and label smoothing."""
-    from edgemix.train import TrainConfig
-
-    return TrainConfig(epochs=epochs, batch_size=64, lr=1e-4, warmup_epochs=0.0)
-
-
 def qat(model: torch.nn.Module, spec, train_set, epochs: float, train_config=None,
         calib_inputs: torch.Tensor | None = None, observer: str = "minmax", percentile: float = 99.99,
         float_modules: tuple[type, ...] = (), device: str = "cpu"):
@@ -262,12 +253,12 @@ def qat(model: torch.nn.Module, spec, train_set, epochs: float, train_config=Non
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-    from edgemix.train import fit
+    from edgemix.train import fit, qat_config
 
     if train_set is None or len(train_set) == 0:
         raise UsageError("quantization-aware training needs training images, got none",
                          hint="give a training data source for --qat-epochs, or use post-training calibration")
-    cfg = default_qat_config(epochs) if train_config is None else dataclasses.replace(train_config, epochs=epochs)
+    cfg = qat_config(epochs) if train_config is None else dataclasses.replace(train_config, epochs=epochs)
     if cfg.batch_size > len(train_set):
         cfg = dataclasses.replace(cfg, batch_size=len(train_set))
     prepared, set_train = prepare_qat(model, calib_inputs, cfg.batch_size, observer, percentile, float_modules, device)

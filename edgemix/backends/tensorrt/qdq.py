@@ -168,11 +168,11 @@ def finetune_qat(qmodel: torch.nn.Module, spec, train_set, train_config, epochs:
     """Quantization-aware fine-tuning of NNCF's fake-quant model (weights and quantizer scales learn),
     on ``device``, towards ``teacher``'s logits when the config distills; the model is back on the CPU
     when this returns."""
-    from edgemix.train import TrainConfig, fit, loss_name, seed_everything
+    from edgemix.train import fit, loss_name, qat_config, seed_everything
 
-    # a fine-tuning default when the caller gives none: FP32 training's 2e-3 would undo the
-    # calibrated ranges in a few steps; 1e-4 with a short warm-up nudges them instead
-    cfg = train_config or TrainConfig(lr=1e-4, warmup_epochs=0.1, weight_decay=0.0, batch_size=64)
+    cfg = train_config or qat_config(float(epochs))
+    if teacher is None and train_config is None:
+        cfg = dataclasses.replace(cfg, distill=0.0)  # nothing to distill: the labels
     cfg = dataclasses.replace(cfg, epochs=float(epochs))
     seed_everything(cfg.seed)
     qmodel.to(device)
