@@ -134,3 +134,24 @@ def test_phone_qat_trains_the_graph_it_ships():
             fake_quant = prepared(x)  # eval mode: the weight observers see the current weights
             converted = convert_pt2e(copy.deepcopy(prepared))(x)
         assert torch.allclose(fake_quant, converted, atol=1e-4), (trained, (fake_quant - converted).abs().max())
+
+
+@pytest.mark.parametrize("observer", ["minmax", "histogram"])
+def test_phone_qat_starts_where_ptq_ends(observer):
+    """Before its first step, the QAT graph is the PTQ model: same ranges (calibrated in PTQ's
+    batches, which a histogram observer depends on), same weight grid, same logits."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    from edgemix.backends.executorch import quantizer as pt2e
+    from edgemix.data import load_dataset, stratified_indices, to_model_input
+    from edgemix.models import load_model
+
+    model, _ = load_model("fmnist")
+    train = load_dataset("sample", "train")
+    calib = to_model_input(train.images[stratified_indices(train.labels, 64, 0)], model.spec)
+    x = to_model_input(load_dataset("sample", "test").images[:64], model.spec)
+    exported = pt2e.export_model(model, calib[:16], dynamic_batch=True, max_batch=16)
+    ptq = pt2e.ptq(exported, calib, 16, observer)
+    prepared, _ = pt2e.prepare_qat(model, calib, 32, observer, calib_batch=16)
+    with torch.no_grad():
+        assert torch.allclose(ptq(x), convert_pt2e(prepared)(x), atol=1e-5)

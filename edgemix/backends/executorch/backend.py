@@ -75,7 +75,7 @@ class ExecuTorchBackend(Backend):
             if job.qat_epochs > 0:
                 converted = pt2e.qat(model, job.spec, job.train_set, job.qat_epochs, job.train_config,
                                      job.calib_inputs, job.recipe.observer, job.recipe.percentile, float_modules,
-                                     device=job.device)
+                                     device=job.device, calib_batch=job.recipe.batch_size)
                 quant.update(observer=f"{job.recipe.observer} (calibrated, then frozen for QAT)",
                              qat_epochs=float(job.qat_epochs), calibration_images=len(job.calib_inputs),
                              qat_loss=loss_name(job.train_config or qat_config(job.qat_epochs)),
