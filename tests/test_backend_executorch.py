@@ -182,6 +182,34 @@ def test_default_build_is_one_delegate_with_every_op_inside(builds):
     assert builds[0]["int8"].details["float_ops"]["LayerNorm"] == 9  # kept out of INT8 by the quantizer
 
 
+def test_dynamic_activations_run_every_gemm_in_int8_closer_to_fp32(builds, fmnist, tmp_path):
+    """activations=dynamic: one delegate, XNNPACK's dynamically quantized GEMMs (each input row at run time,
+    float out), everything else float, nothing calibrated; it tracks FP32 at least as closely as the
+    static INT8 program does, and QAT with it is refused before any work."""
+    model, x, ref = fmnist
+    job = make_job(model, model.spec, tmp_path, "int8", bundle_inputs=x[:10], bundle_outputs=ref[:10],
+                   options={"activations": "dynamic"})
+    art = BACKEND.build(job)
+    q = art.quantization
+    assert "at run time" in q["scheme"] and q["calibration_images"] == 0 and q["qat_epochs"] == 0
+    d = art.details["delegation"]
+    assert d["partitions"] == 1 and d["outside_ops"] == 0 and d["all_linear_conv_delegated"]
+    assert art.details["float_ops"] == {"GELU": 8, "LayerNorm": 9, "MixerBlock": 4, "aten.mean.dim": 1}
+    prof = et.profile_ops(art.files["model"], x[:1].numpy(), threads=1, runs=3)["ops"]
+    # qd8 GEMMs (QDU8 on x86: the dynamically quantized rows are unsigned there)
+    assert sum(v["count"] for k, v in prof.items() if ("QD8" in k or "QDU8" in k) and "GEMM" in k) == 18
+    err = {}
+    for name, a in (("dynamic", art), ("static", builds[0]["int8"])):
+        out = batched_predict(BACKEND.load_predictor(a, threads=2), x.numpy())
+        err[name] = float(((out - ref.numpy()) ** 2).mean())
+    assert err["dynamic"] < err["static"], err
+    with pytest.raises(UsageError, match="needs static activations"):
+        BACKEND.build(make_job(model, model.spec, tmp_path, "int8", qat_epochs=0.1, options={"activations": "dynamic"}))
+    with pytest.raises(UsageError, match="activations"):
+        BACKEND.build(make_job(model, model.spec, tmp_path, "int8", options={"activations": "dynamc"}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fmnist_phone_int8.bpte", "fmnist_phone_int8.pte"]
+
+
 def test_without_rewrites_layernorm_falls_back_to_cpu_kernels_and_the_report_says_why(tmp_path):
     model = build_model(TINY).eval()
     art = BACKEND.build(make_job(model, TINY, tmp_path, "int8",

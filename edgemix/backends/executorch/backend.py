@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +30,10 @@ class ExecuTorchOptions(BaseModel):
     family_float: bool = Field(True, description="leave in float what a family's export form marks as slower in "
                                "INT8 (ConvMixer: the depthwise branches and per-channel affines); false "
                                "quantizes every op XNNPACK can")
+    activations: Literal["static", "dynamic"] = Field(
+        "static", description="static: calibrated per-tensor INT8 activations, every op INT8 where XNNPACK "
+        "can; dynamic: each GEMM quantizes its input rows at run time from their own ranges (no "
+        "calibration, float outputs, other ops in float): closer to FP32, a little slower")
 
 
 @register
@@ -51,6 +56,10 @@ class ExecuTorchBackend(Backend):
             raise ToolchainError(f"the ExecuTorch toolchain cannot be imported ({e})",
                                  hint="pip install executorch==1.5.1 torchao==0.18.0") from None
         opts = self.parse_options(job.options)
+        if opts.activations == "dynamic" and job.qat_epochs > 0:
+            raise UsageError(f"--qat-epochs {job.qat_epochs} needs static activations: with --backend-option "
+                             "activations=dynamic nothing is calibrated or fake-quantized for QAT to train",
+                             hint="drop --qat-epochs, or use activations=static")
         batch = job.target.export_batch
         bundle_x, bundle_y = _bundle_data(job, batch)  # bad bundle data fails before any work
         decompose = opts.decompose_layernorm
@@ -72,7 +81,12 @@ class ExecuTorchBackend(Backend):
         float_ops: dict[str, int] = {}
         if job.precision == "int8":
             t0 = time.perf_counter()
-            if job.qat_epochs > 0:
+            if opts.activations == "dynamic":
+                converted = pt2e.dynamic(exported, example, float_modules)
+                quant.update(observer="none: each GEMM input row's range, at run time")
+                produced = "INT8 GEMMs with dynamic per-row activations, no calibration"
+                stage_name = "quantize"
+            elif job.qat_epochs > 0:
                 converted = pt2e.qat(model, job.spec, job.train_set, job.qat_epochs, job.train_config,
                                      job.calib_inputs, job.recipe.observer, job.recipe.percentile, float_modules,
                                      device=job.device, calib_batch=job.recipe.batch_size)
@@ -96,8 +110,8 @@ class ExecuTorchBackend(Backend):
                     quant["percentile"] = job.recipe.percentile
                 produced = f"INT8 Q/DQ graph, {len(job.calib_inputs)} images, {job.recipe.observer} observers"
                 stage_name = "calibrate"
-            quant["scheme"] = pt2e.SCHEME
-            float_ops = pt2e.float_ops(converted)
+            quant["scheme"] = pt2e.DYNAMIC_SCHEME if opts.activations == "dynamic" else pt2e.SCHEME
+            float_ops = pt2e.float_ops(converted, dynamic=opts.activations == "dynamic")
             with torch.no_grad():  # the quantized graph again at the artifact's fixed batch
                 exported = torch.export.export(converted, (example,))
             job.stage(stage_name, produced, time.perf_counter() - t0, None)

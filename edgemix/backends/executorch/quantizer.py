@@ -24,6 +24,7 @@ from edgemix.devices import to_device
 from edgemix.errors import UsageError
 
 SCHEME = "pt2e-xnnpack symmetric int8, per-channel weights, per-tensor activations"
+DYNAMIC_SCHEME = "pt2e-xnnpack int8 GEMMs, per-channel weights, activations quantized per row at run time"
 OBSERVERS = ("minmax", "moving_average_minmax", "histogram", "percentile")
 _TORCH_DIR = str(Path(torch.__file__).resolve().parent)
 
@@ -234,6 +235,28 @@ def ptq(exported: torch.export.ExportedProgram, calib_inputs: torch.Tensor, batc
     return convert_pt2e(prepared.to("cpu"))
 
 
+def dynamic(exported: torch.export.ExportedProgram, example: torch.Tensor, float_modules: tuple[type, ...] = ()):
+    """Dynamic INT8: per-channel symmetric weights; each GEMM (Linear, Conv) quantizes its input at
+    run time from the input's own range and returns float (XNNPACK's qd8 kernels), every other op
+    stays float. Nothing to calibrate, so no rounding of GEMM outputs or residual sums: one forward
+    pass of ``example`` only lets the weight observers see the weights. Returns the converted
+    GraphModule on the CPU."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True,
+                                                                                 is_dynamic=True))
+    for module_type in float_modules:
+        quantizer.set_module_type(module_type, None)
+    prepared = prepare_pt2e(exported.module(), quantizer)
+    with torch.no_grad():
+        prepared(example)
+    return convert_pt2e(prepared)
+
+
 def qat(model: torch.nn.Module, spec, train_set, epochs: float, train_config=None,
         calib_inputs: torch.Tensor | None = None, observer: str = "minmax", percentile: float = 99.99,
         float_modules: tuple[type, ...] = (), device: str = "cpu", calib_batch: int | None = None):
@@ -321,20 +344,23 @@ _LAYOUT_OPS = ("view", "reshape", "permute", "transpose", "flatten", "unsqueeze"
 _EDGE_NAMES = {"conv2d.default": "convolution.default"}  # pre-edge ATen name -> XNNPACK config name
 
 
-def float_ops(converted: torch.fx.GraphModule) -> dict[str, int]:
+def float_ops(converted: torch.fx.GraphModule, dynamic: bool = False) -> dict[str, int]:
     """The compute left in float in a converted INT8 graph, in model terms: {module type or op: count}.
 
     A node runs in INT8 on XNNPACK when it reads only dequantized tensors, feeds only quantize nodes
     and XNNPACK has a static-quant kernel for its op; anything else that computes (not a view or
-    permute) runs in float. Nodes are grouped by the innermost module that made them, so a
-    LayerNorm decomposed into nine ops counts once as "LayerNorm".
+    permute) runs in float. With ``dynamic`` (see :func:`dynamic`) a node runs in INT8 when it reads
+    only dequantized tensors and XNNPACK has a dynamic-quant kernel for it; its output is float.
+    Nodes are grouped by the innermost module that made them, so a LayerNorm decomposed into nine
+    ops counts once as "LayerNorm".
     """
     from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
     from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
     from executorch.exir.backend.canonical_partitioners.config_partitioner import format_target_name
 
+    precision = ConfigPrecisionType.DYNAMIC_QUANT if dynamic else ConfigPrecisionType.STATIC_QUANT
     int8_kernels = {c.target_name for c in ALL_PARTITIONER_CONFIGS if hasattr(c, "target_name")
-                    and ConfigPrecisionType.STATIC_QUANT in c().supported_precision_types()}
+                    and precision in c().supported_precision_types()}
 
     def is_qdq(n, kind):
         return n.op == "call_function" and f"{kind}_per_" in str(n.target)
@@ -344,11 +370,11 @@ def float_ops(converted: torch.fx.GraphModule) -> dict[str, int]:
         if node.op != "call_function" or is_qdq(node, "quantize") or is_qdq(node, "dequantize"):
             continue
         name = str(node.target)  # e.g. aten.linear.default
-        if any(word in name for word in _LAYOUT_OPS):
+        if any(word in name for word in _LAYOUT_OPS) or "choose_qparams" in name:
             continue
         inputs = [a for a in node.all_input_nodes if a.op == "call_function"]
         int8 = (inputs and all(is_qdq(a, "dequantize") for a in inputs) and node.users
-                and all(is_qdq(u, "quantize") for u in node.users)
+                and (dynamic or all(is_qdq(u, "quantize") for u in node.users))
                 and _EDGE_NAMES.get(format_target_name(name), format_target_name(name)) in int8_kernels)
         if int8:
             continue
