@@ -11,6 +11,7 @@ import copy
 import math
 import os
 import time
+import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,11 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from edgemix import console
+from edgemix.config import BuildConfig
 from edgemix.data import ImageSet, to_model_input
 from edgemix.errors import UsageError, unknown_choice
 
 
-DISTILL_LOSSES = ("kl", "mse")
+DISTILL_LOSSES = typing.get_args(BuildConfig.model_fields["qat_loss"].annotation)  # ("kl", "mse")
 
 
 @dataclass
@@ -68,12 +70,15 @@ class TrainConfig:
 
 
 def qat_config(epochs: float, seed: int = 0) -> TrainConfig:
-    """QAT fine-tuning settings, the defaults of ``edgemix build --qat-epochs`` and of the backends
-    when a caller gives none: lr 3e-5, batch 64, the FP32 logits distilled by MSE; no warm-up,
-    augmentation, label smoothing or weight decay, which would pull a converged model away from the
-    FP32 optimum it is meant to stay near (docs/qat.md has the sweep behind these)."""
-    return TrainConfig(epochs=epochs, batch_size=64, lr=3e-5, weight_decay=0.0, warmup_epochs=0.0,
-                       label_smoothing=0.0, augment=False, seed=seed, distill=1.0, distill_loss="mse")
+    """QAT fine-tuning settings, the defaults of ``edgemix build --qat-epochs`` (read from
+    :class:`BuildConfig`: lr 3e-5, batch 64, the FP32 logits distilled by MSE) and of the backends
+    when a caller gives none; no warm-up, augmentation, label smoothing or weight decay, which would
+    pull a converged model away from the FP32 optimum it is meant to stay near (docs/qat.md has the
+    sweep behind these)."""
+    default = {name: field.default for name, field in BuildConfig.model_fields.items()}
+    return TrainConfig(epochs=epochs, batch_size=default["qat_batch_size"], lr=default["qat_lr"], weight_decay=0.0,
+                       warmup_epochs=0.0, label_smoothing=0.0, augment=False, seed=seed,
+                       distill=default["qat_distill"], distill_loss=default["qat_loss"])
 
 
 def loss_name(cfg: TrainConfig) -> str:

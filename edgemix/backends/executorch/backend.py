@@ -56,7 +56,8 @@ class ExecuTorchBackend(Backend):
             raise ToolchainError(f"the ExecuTorch toolchain cannot be imported ({e})",
                                  hint="pip install executorch==1.5.1 torchao==0.18.0") from None
         opts = self.parse_options(job.options)
-        if opts.activations == "dynamic" and job.qat_epochs > 0:
+        dynamic = opts.activations == "dynamic"
+        if dynamic and job.qat_epochs > 0:
             raise UsageError(f"--qat-epochs {job.qat_epochs} needs static activations: with --backend-option "
                              "activations=dynamic nothing is calibrated or fake-quantized for QAT to train",
                              hint="drop --qat-epochs, or use activations=static")
@@ -81,7 +82,7 @@ class ExecuTorchBackend(Backend):
         float_ops: dict[str, int] = {}
         if job.precision == "int8":
             t0 = time.perf_counter()
-            if opts.activations == "dynamic":
+            if dynamic:
                 converted = pt2e.dynamic(exported, example, float_modules)
                 quant.update(observer="none: each GEMM input row's range, at run time")
                 produced = "INT8 GEMMs with dynamic per-row activations, no calibration"
@@ -110,8 +111,8 @@ class ExecuTorchBackend(Backend):
                     quant["percentile"] = job.recipe.percentile
                 produced = f"INT8 Q/DQ graph, {len(job.calib_inputs)} images, {job.recipe.observer} observers"
                 stage_name = "calibrate"
-            quant["scheme"] = pt2e.DYNAMIC_SCHEME if opts.activations == "dynamic" else pt2e.SCHEME
-            float_ops = pt2e.float_ops(converted, dynamic=opts.activations == "dynamic")
+            quant["scheme"] = pt2e.DYNAMIC_SCHEME if dynamic else pt2e.SCHEME
+            float_ops = pt2e.float_ops(converted, dynamic=dynamic)
             with torch.no_grad():  # the quantized graph again at the artifact's fixed batch
                 exported = torch.export.export(converted, (example,))
             job.stage(stage_name, produced, time.perf_counter() - t0, None)

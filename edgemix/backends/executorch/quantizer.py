@@ -179,10 +179,7 @@ def make_quantizer(observer: str = "minmax", percentile: float = 99.99, qat: boo
     ``float_modules``: module types whose ops must stay in float (the quantizer would otherwise
     quantize the adds and muls of a decomposed LayerNorm, whose statistics INT8 cannot carry).
     """
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-        XNNPACKQuantizer,
-        get_symmetric_quantization_config,
-    )
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
     from torchao.quantization.pt2e import FakeQuantize, PerChannelMinMaxObserver
     from torchao.quantization.pt2e.quantizer.utils import QuantizationConfig
 
@@ -194,7 +191,14 @@ def make_quantizer(observer: str = "minmax", percentile: float = 99.99, qat: boo
         weight = dataclasses.replace(weight, observer_or_fake_quant_ctr=FakeQuantize.with_args(
             observer=PerChannelMinMaxObserver, eps=_WEIGHT_EPS))
     act = dataclasses.replace(base.input_activation, observer_or_fake_quant_ctr=ctr)
-    quantizer = XNNPACKQuantizer().set_global(QuantizationConfig(act, act, weight, base.bias, qat))
+    return _xnnpack_quantizer(QuantizationConfig(act, act, weight, base.bias, qat), float_modules)
+
+
+def _xnnpack_quantizer(config, float_modules: tuple[type, ...]):
+    """An XNNPACKQuantizer applying ``config`` everywhere except in ``float_modules``."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
+
+    quantizer = XNNPACKQuantizer().set_global(config)
     for module_type in float_modules:
         quantizer.set_module_type(module_type, None)
     return quantizer
@@ -241,17 +245,11 @@ def dynamic(exported: torch.export.ExportedProgram, example: torch.Tensor, float
     stays float. Nothing to calibrate, so no rounding of GEMM outputs or residual sums: one forward
     pass of ``example`` only lets the weight observers see the weights. Returns the converted
     GraphModule on the CPU."""
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-        XNNPACKQuantizer,
-        get_symmetric_quantization_config,
-    )
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True,
-                                                                                 is_dynamic=True))
-    for module_type in float_modules:
-        quantizer.set_module_type(module_type, None)
-    prepared = prepare_pt2e(exported.module(), quantizer)
+    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True)
+    prepared = prepare_pt2e(exported.module(), _xnnpack_quantizer(config, float_modules))
     with torch.no_grad():
         prepared(example)
     return convert_pt2e(prepared)
