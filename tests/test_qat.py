@@ -61,21 +61,29 @@ def test_the_better_of_ptq_and_qat_is_kept(ptq, qat, keep, kept):
     assert keep_of(ptq, qat, keep) == kept
 
 
+def _fmnist_sample(calib_images: int, test_images: int):
+    """The shipped fmnist model, the sample's training set, a stratified calibration batch of it and
+    the first test images, as model inputs."""
+    from edgemix.data import load_dataset, stratified_indices, to_model_input
+    from edgemix.models import load_model
+
+    model, _ = load_model("fmnist")
+    train = load_dataset("sample", "train")
+    calib = to_model_input(train.images[stratified_indices(train.labels, calib_images, 0)], model.spec)
+    x = to_model_input(load_dataset("sample", "test").images[:test_images], model.spec)
+    return model, train, calib, x
+
+
 def test_phone_qat_is_reproducible_and_leaves_the_fp32_model_alone():
     """PT2E QAT from the PTQ calibration, distilling the FP32 model, seeded: the same call gives the
     same quantized model bit for bit, and the FP32 model it was given (the build's reference, teacher
     and FP32 twin) is unchanged: an exported graph shares its module's parameters, and QAT used to
     train the caller's model in place."""
     from edgemix.backends.executorch import quantizer as pt2e
-    from edgemix.data import load_dataset, stratified_indices, to_model_input
-    from edgemix.models import load_model
 
-    model, _ = load_model("fmnist")
+    model, train, calib, x = _fmnist_sample(128, 200)
     spec = model.spec
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    train = load_dataset("sample", "train")
-    calib = to_model_input(train.images[stratified_indices(train.labels, 128, 0)], spec)
-    x = to_model_input(load_dataset("sample", "test").images[:200], spec)
     cfg = TrainConfig(epochs=0.5, batch_size=64, lr=3e-5, warmup_epochs=0.0, augment=False, label_smoothing=0.0,
                       weight_decay=0.0, distill=1.0, seed=0)
     outputs = []
@@ -115,15 +123,10 @@ def test_phone_qat_trains_the_graph_it_ships():
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     from edgemix.backends.executorch import quantizer as pt2e
-    from edgemix.data import load_dataset, stratified_indices, to_model_input
-    from edgemix.models import load_model
     from edgemix.train import fit
 
-    model, _ = load_model("fmnist")
+    model, train, calib, x = _fmnist_sample(64, 64)
     spec = model.spec
-    train = load_dataset("sample", "train")
-    calib = to_model_input(train.images[stratified_indices(train.labels, 64, 0)], spec)
-    x = to_model_input(load_dataset("sample", "test").images[:64], spec)
     prepared, set_train = pt2e.prepare_qat(model, calib, 32)
     for trained in (False, True):
         if trained:
@@ -143,13 +146,8 @@ def test_phone_qat_starts_where_ptq_ends(observer):
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     from edgemix.backends.executorch import quantizer as pt2e
-    from edgemix.data import load_dataset, stratified_indices, to_model_input
-    from edgemix.models import load_model
 
-    model, _ = load_model("fmnist")
-    train = load_dataset("sample", "train")
-    calib = to_model_input(train.images[stratified_indices(train.labels, 64, 0)], model.spec)
-    x = to_model_input(load_dataset("sample", "test").images[:64], model.spec)
+    model, _, calib, x = _fmnist_sample(64, 64)
     exported = pt2e.export_model(model, calib[:16], dynamic_batch=True, max_batch=16)
     ptq = pt2e.ptq(exported, calib, 16, observer)
     prepared, _ = pt2e.prepare_qat(model, calib, 32, observer, calib_batch=16)
