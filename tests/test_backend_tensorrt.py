@@ -602,3 +602,73 @@ def test_build_and_device_script_share_one_onnxruntime_session(tmp_path, monkeyp
     real(ort, str(path), 2, qdq=True)
     assert so_seen == {"spin": "0", "level": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                        "disabled": ["MatMulAddFusion"]}
+
+
+def _int8_conv_graph() -> onnx.ModelProto:
+    """input -> Q -> DQ -> Conv (int8 per-channel weights) -> Q/DQ -> Relu -> output, the input's Q also
+    read by a second DQ (-> Relu -> a second output; onnxruntime's own s8->u8 pass takes only a Q with
+    one consumer), and a third output that is a QuantizeLinear's int8 tensor itself."""
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, (8, 4, 3, 3)).astype(np.int8)
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "sx"), numpy_helper.from_array(np.array(0, np.int8), "zx"),
+             numpy_helper.from_array(np.array(0.2, np.float32), "sy"), numpy_helper.from_array(np.array(0, np.int8), "zy"),
+             numpy_helper.from_array(w, "w_q"), numpy_helper.from_array(np.full(8, 0.01, np.float32), "sw"),
+             numpy_helper.from_array(np.zeros(8, np.int8), "zw")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["x_q"]),
+             helper.make_node("DequantizeLinear", ["x_q", "sx", "zx"], ["x_dq"]),
+             helper.make_node("DequantizeLinear", ["w_q", "sw", "zw"], ["w_dq"], axis=0),
+             helper.make_node("Conv", ["x_dq", "w_dq"], ["y"], pads=[1, 1, 1, 1]),
+             helper.make_node("QuantizeLinear", ["y", "sy", "zy"], ["y_q"]),
+             helper.make_node("DequantizeLinear", ["y_q", "sy", "zy"], ["y_dq"]),
+             helper.make_node("Relu", ["y_dq"], ["out"]),
+             helper.make_node("QuantizeLinear", ["out", "sy", "zy"], ["out_q"]),
+             helper.make_node("DequantizeLinear", ["x_q", "sx", "zx"], ["x_dq2"]),
+             helper.make_node("Relu", ["x_dq2"], ["skip"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 16, 16])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 16, 16]),
+                               helper.make_tensor_value_info("out_q", TensorProto.INT8, [1, 8, 16, 16]),
+                               helper.make_tensor_value_info("skip", TensorProto.FLOAT, [1, 4, 16, 16])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_host_proxy_gives_onnxruntime_uint8_activations_with_the_same_outputs(tmp_path, monkeypatch):
+    """TensorRT wants int8 Q/DQ with zero point 0; onnxruntime's x86 integer Conv takes uint8 only. The
+    proxy session shifts each activation Q/DQ pair to uint8 with zero point 128: the same outputs, the
+    int8 Conv now an integer kernel, the weights and a Q whose int8 tensor leaves the graph untouched."""
+    import platform
+
+    import onnxruntime as ort
+
+    from edgemix.backends.tensorrt import ort_session
+    from edgemix.resources import device_script
+
+    dev = device_script()
+    model = _int8_conv_graph()
+    converted = onnx.ModelProto()
+    converted.CopyFrom(model)
+    assert dev.uint8_activations(onnx, converted) == 5  # x's Q and both its DQs, y's pair; not w, not out_q
+    zp = {n.output[0]: n.input[2] for n in converted.graph.node if len(n.input) > 2}
+    inits = {i.name: numpy_helper.to_array(i) for i in converted.graph.initializer}
+    assert inits[zp["x_q"]].dtype == np.uint8 and inits[zp["x_q"]] == 128 == inits[zp["x_dq2"]] == inits[zp["y_dq"]]
+    assert inits[zp["w_dq"]].dtype == np.int8 and inits[zp["out_q"]].dtype == np.int8
+
+    x = np.random.default_rng(1).standard_normal((1, 4, 16, 16)).astype(np.float32) * 3  # some clamp at ±127
+    plain = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    proxy = dev.ort_session(ort, converted.SerializeToString(), 1, qdq=True)
+    for a, b in zip(plain.run(None, {"x": x}), proxy.run(None, {"x": x})):
+        np.testing.assert_array_equal(a, b)
+
+    path = tmp_path / "int8.onnx"
+    onnx.save(model, str(path))
+    optimized = tmp_path / "optimized.onnx"
+    session = ort_session(path, 1, optimized)  # the build's session, from the file as written
+    np.testing.assert_array_equal(session.run(None, {"x": x})[0], plain.run(None, {"x": x})[0])
+    ops = op_counts(onnx.load(str(optimized)))
+    if platform.machine().lower() in dev.X86_MACHINES:
+        assert ops["QLinearConv"] == 1 and ops["Conv"] == 0, ops
+    else:  # ARM: onnxruntime fuses int8 itself, the model is given as written
+        monkeypatch.setattr(dev, "uint8_activations", lambda *a: pytest.fail("converted off x86"))
+        ort_session(path, 1)
+    assert onnx.load(str(path)) == model  # the artifact on disk is never rewritten

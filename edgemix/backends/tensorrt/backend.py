@@ -13,7 +13,7 @@ from edgemix.backends.base import Backend, BuildJob, BuiltArtifact, register
 from edgemix.backends.onnx_graph import op_counts
 from edgemix.backends.tensorrt.engine import (_write_atomic, build_engine, engine_script, tensorrt_status,
                                               trtexec_command)
-from edgemix.backends.tensorrt.ort import OnnxRuntimePredictor
+from edgemix.backends.tensorrt.ort import OnnxRuntimePredictor, host_proxy
 
 
 class TensorRTOptions(BaseModel):
@@ -113,8 +113,7 @@ class TensorRTBackend(Backend):
                              details={"compat": report.to_dict(), "engine": engine, "float_ops": _float_ops(proto),
                                       "onnx": {"opset": trt_cfg.opset, "input": onnx_export.input_shape(proto),
                                                "ops": dict(op_counts(proto))},
-                                      "host_proxy": "onnxruntime CPU, ORT_ENABLE_ALL, on the same ONNX"
-                                      + ("" if job.precision != "fp16" else "; FP16 rounding is not simulated")})
+                                      "host_proxy": host_proxy(job.precision)})
 
     def _engine(self, job: BuildJob, onnx_path: Path, dynamic: bool, files: dict) -> dict:
         trt_cfg, spec = job.target.tensorrt, job.spec

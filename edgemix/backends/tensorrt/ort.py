@@ -29,6 +29,21 @@ def ort_session(model, threads: int, optimized_model_path: Path | None = None):
                                        optimized_model_path=optimized_model_path)
 
 
+def host_proxy(precision: str) -> str:
+    """How the host proxy runs an artifact of this precision, for the report."""
+    import platform
+
+    from edgemix.resources import device_script
+
+    text = "onnxruntime CPU, ORT_ENABLE_ALL, on the same ONNX"
+    if precision == "int8" and platform.machine().lower() in device_script().X86_MACHINES:
+        text += ("; its int8 activation Q/DQ pairs given to onnxruntime as uint8 with zero point 128 (the same "
+                 "integers and function; onnxruntime's x86 integer Conv/Add/Mul kernels take uint8 only)")
+    if precision == "fp16":
+        text += "; FP16 rounding is not simulated"
+    return text
+
+
 class OnnxRuntimePredictor:
     """The host proxy: onnxruntime on the CPU, the session of :func:`ort_session`."""
 

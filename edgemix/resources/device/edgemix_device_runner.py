@@ -204,6 +204,61 @@ def device_facts(threads):
 
 # ---------------------------------------------------------------- runtimes
 
+X86_MACHINES = ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+def uint8_activations(onnx, proto):
+    """Present the activation Q/DQ pairs of a QDQ model to onnxruntime as uint8, in place; returns how
+    many Q and DQ nodes it re-pointed.
+
+    TensorRT's explicit quantization wants int8 with zero point 0, so that is what the artifact holds.
+    onnxruntime's x86 CPU kernels fuse DQ -> Conv/Add/Mul/... -> Q into integer ops only for uint8
+    activations (its QDQ selectors refuse int8 there; ARM takes both). Its own int8 -> uint8 pass
+    takes only a Q with a single consumer; the rest keep their Conv or MatMul in float on dequantized
+    tensors and run each Q/DQ on its own (vip-fmnist: 4 of 35 pairs, 4 of 24 MatMuls; cyclemlp-fmnist:
+    8 Convs and 4 MatMuls). This converts every pair up front. A uint8 tensor with zero point
+    z + 128 holds the same integers shifted by 128: Q and DQ compute the same values (the clamp
+    ranges shift with it), so the function is unchanged and only the kernels onnxruntime may pick
+    change. A QuantizeLinear is re-pointed only when every consumer is a DequantizeLinear (never a
+    graph output); weights (initializer inputs) stay int8."""
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    consumers = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    int8 = onnx.TensorProto.INT8
+
+    def int8_zero_point(node):
+        zp = inits.get(node.input[2]) if len(node.input) > 2 else None
+        return zp is not None and zp.data_type == int8
+
+    shifted, changed = {}, 0
+    for q in graph.node:
+        if q.op_type != "QuantizeLinear" or q.input[0] in inits or not int8_zero_point(q):
+            continue
+        users = consumers.get(q.output[0], [])
+        if (q.output[0] in outputs or not users
+                or not all(u.op_type == "DequantizeLinear" and u.input[0] == q.output[0] and int8_zero_point(u)
+                           for u in users)):
+            continue
+        for node in [q, *users]:
+            name = node.input[2]
+            if name not in shifted:
+                values = onnx.numpy_helper.to_array(inits[name]).astype("int16") + 128
+                shifted[name] = f"{name}__uint8"
+                graph.initializer.append(onnx.numpy_helper.from_array(values.astype("uint8"), shifted[name]))
+            node.input[2] = shifted[name]
+            changed += 1
+        # the Q output's declared type (if any) was int8
+        kept = [v for v in graph.value_info if v.name != q.output[0]]
+        if len(kept) != len(graph.value_info):
+            del graph.value_info[:]
+            graph.value_info.extend(kept)
+    return changed
+
+
 def ort_session(ort, model, threads, qdq, providers=None, optimized_model_path=None):
     """The one onnxruntime session edgemix verifies, times and benchmarks with: the host build (which
     imports this function from this file) and this script on a device alike.
@@ -215,7 +270,15 @@ def ort_session(ort, model, threads, qdq, providers=None, optimized_model_path=N
     ms without (32 MatMulIntegerToFloat), FP32 50.0 ms. No spin-waiting: sessions timed interleaved
     in one process (INT8 vs FP32) lose their cores to each other's spinning pool threads (S/16, 2
     threads: INT8 33.2 / FP32 73.5 ms spinning, 17.7 / 43.0 ms without).
+
+    A QDQ model on an x86 CPU is given to onnxruntime in the uint8 form of :func:`uint8_activations`
+    (when the onnx package is present), so its Convs, adds and muls can run as integer kernels.
+    Measured (2026-12-01, Intel Xeon, 2 threads, batch 1): vip-fmnist 1.49 -> 1.09 ms (FP32 1.45),
+    cyclemlp-fmnist 1.19 -> 0.86 ms (FP32 0.82), the Mixers unchanged.
     """
+    providers = providers or ["CPUExecutionProvider"]
+    if qdq and providers[0] == "CPUExecutionProvider" and platform.machine().lower() in X86_MACHINES:
+        model = _uint8_form(model)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = threads
@@ -224,8 +287,20 @@ def ort_session(ort, model, threads, qdq, providers=None, optimized_model_path=N
     so.log_severity_level = 3
     if optimized_model_path is not None:
         so.optimized_model_filepath = str(optimized_model_path)
-    return ort.InferenceSession(model, so, providers=providers or ["CPUExecutionProvider"],
+    return ort.InferenceSession(model, so, providers=providers,
                                 disabled_optimizers=["MatMulAddFusion"] if qdq else None)
+
+
+def _uint8_form(model):
+    """`model` (a path or serialized bytes) with uint8 activations, serialized; `model` itself when
+    the onnx package is absent (a device may lack it) or nothing was re-pointed."""
+    try:
+        import onnx
+        import onnx.numpy_helper  # noqa: F401
+    except ImportError:
+        return model
+    proto = onnx.load_model_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
+    return proto.SerializeToString() if uint8_activations(onnx, proto) else model
 
 
 class OrtRuntime:
