@@ -41,15 +41,8 @@ def profile(path: str, threads: int, runs: int, qdq: bool) -> dict:
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         for _ in range(20):
             sess.run(None, {inp.name: x})
-        # a second session with the profiler on (the option is fixed at creation)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.enable_profiling, opts.profile_file_prefix = True, so_path
-        opts.log_severity_level = 3
-        prof = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"],
-                                    disabled_optimizers=["MatMulAddFusion"] if qdq else None)
+        # a second session, the same but with the profiler on (the option is fixed at creation)
+        prof = ort_session(ort, path, threads, qdq, profile_prefix=so_path)
         for _ in range(20):
             prof.run(None, {inp.name: x})
         for _ in range(runs):

@@ -259,7 +259,7 @@ def uint8_activations(onnx, proto):
     return changed
 
 
-def ort_session(ort, model, threads, qdq, providers=None, optimized_model_path=None):
+def ort_session(ort, model, threads, qdq, providers=None, optimized_model_path=None, profile_prefix=None):
     """The one onnxruntime session edgemix verifies, times and benchmarks with: the host build (which
     imports this function from this file) and this script on a device alike.
 
@@ -287,6 +287,8 @@ def ort_session(ort, model, threads, qdq, providers=None, optimized_model_path=N
     so.log_severity_level = 3
     if optimized_model_path is not None:
         so.optimized_model_filepath = str(optimized_model_path)
+    if profile_prefix is not None:  # bench/ort_profile.py: onnxruntime's per-node profiler
+        so.enable_profiling, so.profile_file_prefix = True, str(profile_prefix)
     return ort.InferenceSession(model, so, providers=providers,
                                 disabled_optimizers=["MatMulAddFusion"] if qdq else None)
 
