@@ -159,3 +159,18 @@ def test_int8_graph_keeps_the_depthwise_branch_in_float():
     with torch.no_grad():
         ref, out = view(x), converted(x[:1])
     assert torch.nn.functional.cosine_similarity(ref[:1], out).item() > 0.99
+
+
+def test_phone_activations_default_to_the_familys_choice():
+    """ConvMixer's export form asks for dynamic activations on the phone (its static INT8 program ran
+    no faster than FP32); an explicit choice wins, and QAT, which trains static activations, gets them."""
+    from edgemix.backends.executorch.backend import activations_for
+    from edgemix.models.registry import export_form
+
+    view, _ = export_form(_trained_like(VARIANTS["convmixer-fmnist"]))
+    assert view.activations == "dynamic"
+    assert activations_for(None, view.activations, qat=False) == "dynamic"
+    assert activations_for("static", view.activations, qat=False) == "static"
+    assert activations_for(None, view.activations, qat=True) == "static"
+    assert activations_for(None, "static", qat=False) == "static"  # every other family's default
+    assert activations_for("dynamic", "static", qat=False) == "dynamic"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,10 +30,21 @@ class ExecuTorchOptions(BaseModel):
     family_float: bool = Field(True, description="leave in float what a family's export form marks as slower in "
                                "INT8 (ConvMixer: the depthwise branches and per-channel affines); false "
                                "quantizes every op XNNPACK can")
-    activations: Literal["static", "dynamic"] = Field(
-        "static", description="static: calibrated per-tensor INT8 activations, every op INT8 where XNNPACK "
+    activations: Optional[Literal["static", "dynamic"]] = Field(
+        None, description="static: calibrated per-tensor INT8 activations, every op INT8 where XNNPACK "
         "can; dynamic: each GEMM quantizes its input rows at run time from their own ranges (no "
-        "calibration, float outputs, other ops in float): closer to FP32, a little slower")
+        "calibration, float outputs, other ops in float): closer to FP32, a little slower on a Mixer. "
+        "Default: the family's choice (static; ConvMixer: dynamic), static for QAT")
+
+
+def activations_for(requested: str | None, family: str, qat: bool) -> str:
+    """The INT8 activations a phone build uses: those asked for (``--backend-option activations=``),
+    else the family's choice (its export form's ``activations``), else static. QAT trains calibrated
+    static activations, so a family's dynamic default gives way to it (asking for dynamic with QAT
+    is refused before this)."""
+    if requested is not None:
+        return requested
+    return "static" if qat else family
 
 
 @register
@@ -56,8 +67,7 @@ class ExecuTorchBackend(Backend):
             raise ToolchainError(f"the ExecuTorch toolchain cannot be imported ({e})",
                                  hint="pip install executorch==1.5.1 torchao==0.18.0") from None
         opts = self.parse_options(job.options)
-        dynamic = opts.activations == "dynamic"
-        if dynamic and job.qat_epochs > 0:
+        if opts.activations == "dynamic" and job.qat_epochs > 0:
             raise UsageError(f"--qat-epochs {job.qat_epochs} needs static activations: with --backend-option "
                              "activations=dynamic nothing is calibrated or fake-quantized for QAT to train",
                              hint="drop --qat-epochs, or use activations=static")
@@ -71,6 +81,9 @@ class ExecuTorchBackend(Backend):
         float_modules = ((XnnpackLayerNorm,) if decompose else ()) + family_float
         if family_float and job.precision == "int8":
             rewrite += f"; left in float by the INT8 quantizer: {', '.join(t.__name__ for t in family_float)}"
+        dynamic = activations_for(opts.activations, getattr(model, "activations", "static"), job.qat_epochs > 0) == "dynamic"
+        if dynamic and opts.activations is None and job.precision == "int8":
+            rewrite += "; activations: dynamic, the family's default (--backend-option activations=static for calibrated)"
         example = _example_input(job, batch)
 
         t0 = time.perf_counter()  # exported before QAT too: a model that cannot export fails in seconds
