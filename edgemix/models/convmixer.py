@@ -186,8 +186,8 @@ FLOAT_TYPES = (DepthwiseBranch, ChannelAffine)
 # static INT8 1x1 conv sat between two int8<->float converts and the program ran no faster than FP32
 # (ETDump, convmixer-fmnist, 2026-12-01, Intel Xeon: 0.475 vs 0.482 ms; build 0.52 / 0.52 ms, the
 # sign test "not faster"). XNNPACK's dynamically quantized GEMMs take and give float, one convert
-# each: 0.460 ms, the build 0.50 / 0.545 ms (0.93x), agreement on the full test set 99.85% against
-# 99.54% static; convmixer-1024-20 0.82x as static 0.83x.
+# each: 0.460 ms; on the full test set 0.38 / 0.43 ms (0.90x) and 99.85% agreement against 99.54%
+# static; convmixer-1024-20 0.83x, as static (docs/results/convmixer-*_phone_int8.json).
 ACTIVATIONS = "dynamic"
 
 
