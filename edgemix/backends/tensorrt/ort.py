@@ -31,12 +31,10 @@ def ort_session(model, threads: int, optimized_model_path: Path | None = None):
 
 def host_proxy(precision: str) -> str:
     """How the host proxy runs an artifact of this precision, for the report."""
-    import platform
-
     from edgemix.resources import device_script
 
     text = "onnxruntime CPU, ORT_ENABLE_ALL, on the same ONNX"
-    if precision == "int8" and platform.machine().lower() in device_script().X86_MACHINES:
+    if device_script().uint8_proxy(qdq=precision == "int8"):
         text += ("; its int8 activation Q/DQ pairs given to onnxruntime as uint8 with zero point 128 (the same "
                  "integers and function; onnxruntime's x86 integer Conv/Add/Mul kernels take uint8 only)")
     if precision == "fp16":

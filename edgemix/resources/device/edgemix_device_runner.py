@@ -234,7 +234,7 @@ def uint8_activations(onnx, proto):
         zp = inits.get(node.input[2]) if len(node.input) > 2 else None
         return zp is not None and zp.data_type == int8
 
-    shifted, changed = {}, 0
+    shifted, changed, q_outputs = {}, 0, set()
     for q in graph.node:
         if q.op_type != "QuantizeLinear" or q.input[0] in inits or not int8_zero_point(q):
             continue
@@ -251,12 +251,19 @@ def uint8_activations(onnx, proto):
                 graph.initializer.append(onnx.numpy_helper.from_array(values.astype("uint8"), shifted[name]))
             node.input[2] = shifted[name]
             changed += 1
-        # the Q output's declared type (if any) was int8
-        kept = [v for v in graph.value_info if v.name != q.output[0]]
-        if len(kept) != len(graph.value_info):
-            del graph.value_info[:]
-            graph.value_info.extend(kept)
+        q_outputs.add(q.output[0])
+    # the re-pointed Q outputs' declared types (if any) said int8
+    kept = [v for v in graph.value_info if v.name not in q_outputs]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
     return changed
+
+
+def uint8_proxy(qdq, providers=None):
+    """Whether :func:`ort_session` gives this model to onnxruntime in the uint8 form: a QDQ model on
+    an x86 CPU (onnxruntime's CPU provider first)."""
+    return (qdq and (providers or ["CPUExecutionProvider"])[0] == "CPUExecutionProvider"
+            and platform.machine().lower() in X86_MACHINES)
 
 
 def ort_session(ort, model, threads, qdq, providers=None, optimized_model_path=None, profile_prefix=None):
@@ -277,7 +284,7 @@ def ort_session(ort, model, threads, qdq, providers=None, optimized_model_path=N
     cyclemlp-fmnist 1.19 -> 0.86 ms (FP32 0.82), the Mixers unchanged.
     """
     providers = providers or ["CPUExecutionProvider"]
-    if qdq and providers[0] == "CPUExecutionProvider" and platform.machine().lower() in X86_MACHINES:
+    if uint8_proxy(qdq, providers):
         model = _uint8_form(model)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
