@@ -127,6 +127,54 @@ def test_lowering_input_loses_provenance_chains_only(fmnist):
         assert torch.equal(exported.module()(x[:1]), ref)
 
 
+def _lowered_bytes(exported, guard: bool) -> tuple[bytes, list[str]]:
+    import contextlib
+
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    from edgemix.backends.executorch.passes.pattern_guard import skip_unmatchable_patterns
+
+    with (skip_unmatchable_patterns() if guard else contextlib.nullcontext([])) as skipped:
+        edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+    return edge.to_executorch().buffer, list(skipped)
+
+
+def test_pattern_guard_skips_only_what_cannot_match_and_changes_no_byte():
+    """XNNPACK's upsample and SDPA passes are skipped on a graph without their anchor op: the program
+    is byte for byte the one the unguarded lowering writes. A graph with a softmax still runs the
+    SDPA pass; the anchors are in every pattern the installed ExecuTorch matches."""
+    from executorch.backends.xnnpack.partition.graphs import bilinear_2d, sdpa
+
+    from edgemix.backends.executorch.passes.pattern_guard import ANCHORS, _pass_classes, has_op
+
+    seed_everything(0)
+    model = build_model(TINY).eval()
+    x = torch.randn(4, 1, 8, 8)
+    view, _ = et.export_view(model)
+    converted = pt2e.ptq(pt2e.export_model(view, x[:1]), x, 1, float_modules=(et.XnnpackLayerNorm,))
+    with torch.no_grad():
+        exported = torch.export.export(converted, (x[:1],))
+    guarded, skipped = _lowered_bytes(exported, guard=True)
+    plain, _ = _lowered_bytes(exported, guard=False)
+    assert sorted(skipped) == sorted(ANCHORS)
+    assert guarded == plain
+
+    class Softmaxed(torch.nn.Module):
+        def forward(self, z):
+            return torch.softmax(z * 2.0, dim=-1) + 1.0
+
+    with torch.no_grad():
+        soft = torch.export.export(Softmaxed(), (torch.randn(1, 8),))
+    assert _lowered_bytes(soft, guard=True)[1] == ["ConvertToUpsampleBilinear2d"]
+    # a pattern without its anchor would make the guard skip a pass that could have matched
+    for name, patterns in (("ConvertToUpsampleBilinear2d", bilinear_2d.get_graphs()),
+                           ("ConvertToSDPAPass", sdpa.get_graphs())):
+        assert name in _pass_classes() and patterns
+        assert all(has_op(g, ANCHORS[name]) for g in patterns), name
+    assert "call" in _pass_classes()["ConvertToSDPAPass"].__dict__  # restored: the class's own method
+
+
 def test_requests_it_cannot_honour_fail_before_work(tmp_path):
     phone = resolve_target("phone")
     with pytest.raises(UsageError, match="fp16"):

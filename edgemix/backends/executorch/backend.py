@@ -14,6 +14,7 @@ from torch import nn
 from edgemix.backends.base import Backend, BuildJob, BuiltArtifact, register
 from edgemix.backends.executorch.delegation import _partitioner_reasons, delegation_report
 from edgemix.backends.executorch.passes import XnnpackLayerNorm, drop_provenance, export_view
+from edgemix.backends.executorch.passes.pattern_guard import skip_unmatchable_patterns
 from edgemix.backends.executorch.runtime import ExecuTorchPredictor
 from edgemix.errors import ToolchainError, UsageError
 from edgemix.train import loss_name, qat_config
@@ -132,7 +133,7 @@ class ExecuTorchBackend(Backend):
 
         t0 = time.perf_counter()
         drop_provenance(exported)
-        with _partitioner_reasons() as reasons:
+        with _partitioner_reasons() as reasons, skip_unmatchable_patterns():
             edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
         report = delegation_report(edge.exported_program().graph_module, reasons)
         gemms = sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in job.model.modules())
