@@ -117,6 +117,9 @@ def test_phone_isa_drift_flags_untrusted_emulation(phone):
     assert prof["cortex-a76"]["agreement"] >= 0.97 and prof["cortex-a76"]["max_abs_vs_host"] < 0.1
     assert prof["max"]["trusted"] is False and "smopa" in prof["max"]["reason"].lower()
     assert r["isa_drift"]["images"] == 64  # fmnist fits the profile's whole count in its GMAC budget
+    # the runners and self-tests were readied in the side thread while the .pte was lowered
+    assert r["isa_drift"]["prepared_beside_lowering_s"] >= 0
+    assert "readied beside the lowering" in next(s["produced"] for s in r["stages"] if s["name"] == "isa")
 
 
 def test_isa_image_count_scales_with_model_cost():

@@ -132,6 +132,11 @@ class Backend:
     def check_isa_toolchain(self) -> None:
         """Fail (exit 3) before any work when what :meth:`isa_drift` needs is missing."""
 
+    def prepare_isa(self, target) -> None:
+        """Build or fetch what :meth:`isa_drift` runs with (nothing by default). The build calls it
+        in the background while the artifact is quantized and lowered, so it must be safe to call
+        from another thread and again from :meth:`isa_drift`."""
+
     def isa_drift(self, artifact: BuiltArtifact, target, x: np.ndarray, ref: np.ndarray,
                   labels: np.ndarray) -> list[dict]:
         """One row per instruction set / CPU profile: drift of the written artifact there."""

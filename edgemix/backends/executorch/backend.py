@@ -167,6 +167,17 @@ class ExecuTorchBackend(Backend):
         for arch in {native.host_arch(), "aarch64"}:
             native.check_toolchain(arch)  # a missing cross compiler or qemu fails before any work
 
+    def prepare_isa(self, target) -> None:
+        """The host and arm64 runners (a C++ compile each when not cached) and each profile's
+        emulator self-test: subprocesses, so they run on the core the single-threaded lowering
+        leaves idle."""
+        from edgemix.backends.executorch import native
+
+        native.build_runner(native.host_arch())
+        native.build_runner("aarch64")
+        for cpu in self.isa_profiles(target):
+            native.selftest("aarch64", cpu)
+
     def isa_drift(self, artifact: BuiltArtifact, target, x, ref, labels) -> list[dict]:
         """The written .pte on the phone's instruction set: the native runner on arm64 kernels under
         qemu, one run per CPU profile of the target, plus the same runner natively on this host.
