@@ -181,7 +181,7 @@ class EvalResult:
 
 
 def evaluate(model: str | torch.nn.Module | None = None, data: DataArg = "sample", *, weights=None, split: str = "test",
-             limit: int | None = None, batch_size: int = 250, image_size=None, num_classes=None,
+             limit: int | None = None, batch_size: int | None = None, image_size=None, num_classes=None,
              device: str = "auto", input_shape=None, mean=None, std=None, name=None) -> EvalResult:
     """The FP32 reference: top-1, per-class accuracy and logits, on CUDA when present."""
     from edgemix.verify.reference import evaluate as run_eval

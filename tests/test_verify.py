@@ -66,3 +66,26 @@ def test_interleaved_timing_runs_past_the_count_until_the_time_floor():
     assert 30 <= len(out["a"]) == len(out["b"]) < 110  # ~1 ms a round for 0.1 s, not just the 3 asked
     capped = measure_interleaved({"a": lambda x: None}, None, 0, 3, min_seconds=60, max_runs=50)
     assert len(capped["a"]) == 50
+
+
+def test_reference_runs_small_batches_on_the_cpu_and_asked_ones_otherwise():
+    """On the CPU the FP32 reference goes 8 images a pass (activations stay in cache); an asked batch
+    size is used as is; the logits do not depend on it beyond float rounding."""
+    import torch
+
+    from edgemix.data import load_dataset
+    from edgemix.models import build_model, resolve_spec
+    from edgemix.verify.reference import reference_logits
+
+    torch.manual_seed(0)
+    model = build_model(resolve_spec("fmnist")).eval()
+    data = load_dataset("sample", "test").subset(np.arange(20))
+    sizes = []
+    hook = model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    small = reference_logits(model, data, model.spec)
+    assert sizes == [8, 8, 4]
+    sizes.clear()
+    large = reference_logits(model, data, model.spec, batch_size=250)
+    assert sizes == [20]
+    hook.remove()
+    np.testing.assert_allclose(small, large, atol=1e-5, rtol=0)
