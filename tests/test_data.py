@@ -99,3 +99,27 @@ def test_transform_grey_to_rgb_resize_normalise():
     fm = resolve_spec("fmnist")
     y = to_model_input(torch.zeros((1, 1, 28, 28), dtype=torch.uint8), fm)
     assert abs(float(y.mean()) - (0 - fm.mean[0]) / fm.std[0]) < 1e-6
+
+
+def test_transform_resizes_with_the_fewer_channels_to_the_same_values():
+    """Grey images are resized once and repeated (not repeated, then resized three times); colour
+    images for a grey model are reduced to luma first. Either way each channel holds exactly what
+    resizing it on its own gives, normalised with its own mean/std."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    grey = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8, generator=g)
+    spec = resolve_spec("s16")  # 3 channels, 224 px, ImageNet-style mean/std per channel
+    x = to_model_input(grey, spec)
+    resized = F.interpolate(grey.float() / 255, size=(224, 224), mode="bilinear", align_corners=False,
+                            antialias=True)
+    for ch in range(3):
+        assert torch.equal(x[:, ch:ch + 1], (resized - spec.mean[ch]) / spec.std[ch]), ch
+    assert x.is_contiguous() and x.dtype == torch.float32
+    colour = torch.randint(0, 256, (2, 3, 20, 20), dtype=torch.uint8, generator=g)
+    fm = resolve_spec("fmnist")
+    luma = (colour.float() / 255 * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    want = F.interpolate(luma, size=(28, 28), mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(to_model_input(colour, fm), (want - fm.mean[0]) / fm.std[0], atol=1e-6, rtol=0)
+    with pytest.raises(DataError, match="cannot convert 2-channel images to the model's 3 channels"):
+        to_model_input(torch.zeros((1, 2, 8, 8), dtype=torch.uint8), spec)
