@@ -5,6 +5,7 @@ their own use a one-block 8x8 Mixer, which lowers in a few seconds.
 """
 
 import math
+import shutil
 import time
 
 import numpy as np
@@ -233,7 +234,7 @@ def test_default_build_is_one_delegate_with_every_op_inside(builds):
 def test_dynamic_activations_run_every_gemm_in_int8_closer_to_fp32(builds, fmnist, tmp_path):
     """activations=dynamic: one delegate, XNNPACK's dynamically quantized GEMMs (each input row at run time,
     float out), everything else float, nothing calibrated; it tracks FP32 at least as closely as the
-    static INT8 program does, and QAT with it is refused before any work."""
+    static INT8 program does; QAT with it builds the same scheme (tests/test_qat.py checks what it trains)."""
     model, x, ref = fmnist
     job = make_job(model, model.spec, tmp_path, "int8", bundle_inputs=x[:10], bundle_outputs=ref[:10],
                    options={"activations": "dynamic"})
@@ -251,8 +252,14 @@ def test_dynamic_activations_run_every_gemm_in_int8_closer_to_fp32(builds, fmnis
         out = batched_predict(BACKEND.load_predictor(a, threads=2), x.numpy())
         err[name] = float(((out - ref.numpy()) ** 2).mean())
     assert err["dynamic"] < err["static"], err
-    with pytest.raises(UsageError, match="needs static activations"):
-        BACKEND.build(make_job(model, model.spec, tmp_path, "int8", qat_epochs=0.1, options={"activations": "dynamic"}))
+    qat_dir = tmp_path / "qat"
+    qat_dir.mkdir()
+    qat = BACKEND.build(make_job(model, model.spec, qat_dir, "int8", qat_epochs=0.05, options={"activations": "dynamic"},
+                                 train_set=load_dataset("sample", "train")))
+    assert qat.quantization["scheme"] == q["scheme"] and qat.quantization["calibration_images"] == 0
+    assert qat.quantization["qat_epochs"] == 0.05 and "simulated in QAT" in qat.quantization["observer"]
+    assert qat.details["delegation"]["outside_ops"] == 0
+    shutil.rmtree(qat_dir)
     with pytest.raises(UsageError, match="activations"):
         BACKEND.build(make_job(model, model.spec, tmp_path, "int8", options={"activations": "dynamc"}))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fmnist_phone_int8.bpte", "fmnist_phone_int8.pte"]

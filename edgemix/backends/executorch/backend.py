@@ -34,15 +34,16 @@ class ExecuTorchOptions(BaseModel):
     activations: Optional[Literal["static", "dynamic"]] = Field(
         None, description="static: calibrated per-tensor INT8 activations, every op INT8 where XNNPACK "
         "can; dynamic: each GEMM quantizes its input rows at run time from their own ranges (no "
-        "calibration, float outputs, other ops in float): closer to FP32, a little slower on a Mixer. "
-        "Default: the family's choice (static; ConvMixer: dynamic), static for QAT")
+        "calibration, float outputs, other ops in float): closer to FP32, a little slower on a Mixer; with "
+        "--qat-epochs, QAT simulates that run-time rounding. Default: the family's choice (static; "
+        "ConvMixer: dynamic), static for QAT")
 
 
 def activations_for(requested: str | None, family: str, qat: bool) -> str:
     """The INT8 activations a phone build uses: those asked for (``--backend-option activations=``),
-    else the family's choice (its export form's ``activations``), else static. QAT trains calibrated
-    static activations, so a family's dynamic default gives way to it (asking for dynamic with QAT
-    is refused before this)."""
+    else the family's choice (its export form's ``activations``), else static. Without a request QAT
+    trains calibrated static activations, the path measured for every family; asked for, dynamic
+    activations get their own QAT (:func:`quantizer.qat_dynamic`)."""
     if requested is not None:
         return requested
     return "static" if qat else family
@@ -68,10 +69,6 @@ class ExecuTorchBackend(Backend):
             raise ToolchainError(f"the ExecuTorch toolchain cannot be imported ({e})",
                                  hint="pip install executorch==1.5.1 torchao==0.18.0") from None
         opts = self.parse_options(job.options)
-        if opts.activations == "dynamic" and job.qat_epochs > 0:
-            raise UsageError(f"--qat-epochs {job.qat_epochs} needs static activations: with --backend-option "
-                             "activations=dynamic nothing is calibrated or fake-quantized for QAT to train",
-                             hint="drop --qat-epochs, or use activations=static")
         batch = job.target.export_batch
         bundle_x, bundle_y = _bundle_data(job, batch)  # bad bundle data fails before any work
         decompose = opts.decompose_layernorm
@@ -96,7 +93,17 @@ class ExecuTorchBackend(Backend):
         float_ops: dict[str, int] = {}
         if job.precision == "int8":
             t0 = time.perf_counter()
-            if dynamic:
+            if dynamic and job.qat_epochs > 0:
+                converted = pt2e.qat_dynamic(model, job.spec, job.train_set, job.qat_epochs, job.train_config,
+                                             example, float_modules, device=job.device)
+                quant.update(observer="none: each GEMM input row's range, at run time, simulated in QAT",
+                             qat_epochs=float(job.qat_epochs),
+                             qat_loss=loss_name(job.train_config or qat_config(job.qat_epochs)),
+                             qat_train_images=len(job.train_set))
+                produced = (f"QAT {job.qat_epochs:g} epochs on {len(job.train_set)} images for dynamic per-row "
+                            "activations")
+                stage_name = "qat"
+            elif dynamic:
                 converted = pt2e.dynamic(exported, example, float_modules)
                 quant.update(observer="none: each GEMM input row's range, at run time")
                 produced = "INT8 GEMMs with dynamic per-row activations, no calibration"

@@ -293,6 +293,104 @@ def qat(model: torch.nn.Module, spec, train_set, epochs: float, train_config=Non
     return convert_pt2e(prepared.to("cpu"))
 
 
+# ------------------------------------------------------------------ QAT for dynamic activations
+
+class _RoundSTE(torch.autograd.Function):
+    """Quantize-dequantize with a straight-through gradient (the rounding passes gradients as is):
+    ``q = clamp(round(v * inv_scale) + zero_point)``, back as ``(q - zero_point) / inv_scale``."""
+
+    @staticmethod
+    def forward(ctx, v, inv_scale, zero_point, lo: int, hi: int):
+        return (torch.clamp(torch.round(v * inv_scale) + zero_point, lo, hi) - zero_point) / inv_scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None, None
+
+
+def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
+    """Per output channel symmetric INT8 in [-127, 127], scale max|w| / 127 with the quantizer's floor:
+    the grid the dynamic quantizer's per-channel min-max observer gives the converted graph."""
+    amax = w.detach().abs().flatten(1).amax(1)
+    scale = torch.clamp(amax / 127, min=_WEIGHT_EPS).view(-1, *([1] * (w.dim() - 1)))
+    return _RoundSTE.apply(w, 1 / scale, torch.zeros_like(scale), -127, 127)
+
+
+def fake_quant_dynamic(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Asymmetric INT8 from the tensor's own range over ``dims`` (widened to hold 0), as XNNPACK's
+    dynamically quantized (qd8) kernels do at run time: a Linear's input per row (the last dim), a
+    convolution's per image (C, H, W; ExecuTorch gives XNNPACK ``num_nonbatch_dims`` 1 and 3)."""
+    lo = torch.clamp(x.detach().amin(dim=dims, keepdim=True), max=0)
+    hi = torch.clamp(x.detach().amax(dim=dims, keepdim=True), min=0)
+    # XNNPACK's own arithmetic (xnn_f32_qd8_asymmetric_quantization_params): an inverse scale that
+    # inputs are multiplied by, and the zero point rounded half to even from the range's low end
+    inv_scale = torch.where(hi > lo, 255 / (hi - lo), torch.ones_like(hi))
+    zero_point = torch.round(torch.clamp(-128 - lo * inv_scale, -128, 127))
+    return _RoundSTE.apply(x, inv_scale, zero_point, -128, 127)
+
+
+class _DynamicQAT(torch.nn.Module):
+    """A Linear or Conv2d computing with fake-quantized weights and dynamically fake-quantized input;
+    trains the wrapped module's own parameters."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        m = self.inner
+        if isinstance(m, torch.nn.Linear):
+            return torch.nn.functional.linear(fake_quant_dynamic(x, (-1,)), fake_quant_weight(m.weight), m.bias)
+        return m._conv_forward(fake_quant_dynamic(x, (1, 2, 3)), fake_quant_weight(m.weight), m.bias)
+
+
+def _swap_gemms(module: torch.nn.Module, float_modules: tuple[type, ...], wrap: bool) -> int:
+    """Wrap (or unwrap) every Linear and Conv2d outside ``float_modules``: what the dynamic quantizer
+    quantizes. Returns how many."""
+    count = 0
+    for name, child in module.named_children():
+        if wrap and float_modules and isinstance(child, float_modules):
+            continue
+        if wrap and isinstance(child, (torch.nn.Linear, torch.nn.Conv2d)):
+            setattr(module, name, _DynamicQAT(child))
+            count += 1
+        elif not wrap and isinstance(child, _DynamicQAT):
+            setattr(module, name, child.inner)
+            count += 1
+        else:
+            count += _swap_gemms(child, float_modules, wrap)
+    return count
+
+
+def qat_dynamic(model: torch.nn.Module, spec, train_set, epochs: float, train_config, example: torch.Tensor,
+                float_modules: tuple[type, ...] = (), device: str = "cpu"):
+    """Quantization-aware fine-tuning for dynamic activations; returns the converted GraphModule, as
+    :func:`dynamic` gives it, of the fine-tuned weights.
+
+    Nothing is calibrated: each GEMM's input is rounded at run time from its own range, so what
+    training can adapt to is the weights' rounding and that per-row input rounding. A copy of
+    ``model`` trains with both simulated exactly (:func:`fake_quant_weight`, :func:`fake_quant_dynamic`),
+    distilling ``model``'s own logits when ``train_config.distill`` > 0; its weights then go through
+    the same dynamic conversion as PTQ's. ``model`` is left untouched.
+    """
+    from edgemix.train import fit, qat_config
+
+    if train_set is None or len(train_set) == 0:
+        raise UsageError("quantization-aware training needs training images, got none",
+                         hint="give a training data source for --qat-epochs, or use post-training quantization")
+    cfg = qat_config(epochs) if train_config is None else dataclasses.replace(train_config, epochs=epochs)
+    if cfg.batch_size > len(train_set):
+        cfg = dataclasses.replace(cfg, batch_size=len(train_set))
+    student = copy.deepcopy(model).to(device)
+    if _swap_gemms(student, float_modules, wrap=True) == 0:
+        raise UsageError(f"{type(model).__name__} has no Linear or Conv2d outside the layers kept in float: "
+                         "nothing for dynamic-activation QAT to train", hint="drop --qat-epochs")
+    fit(student, list(student.parameters()), spec, train_set, cfg, desc="qat", device=device, teacher=model)
+    _swap_gemms(student, float_modules, wrap=False)
+    student.to("cpu").eval()
+    return dynamic(export_model(student, example), example, float_modules)
+
+
 def prepare_qat(model: torch.nn.Module, calib_inputs: torch.Tensor | None, batch_size: int,
                 observer: str = "minmax", percentile: float = 99.99, float_modules: tuple[type, ...] = (),
                 device: str = "cpu", calib_batch: int | None = None):
