@@ -292,7 +292,8 @@ def _qat_or_ptq(stage_dir: Path, ctx: BuildContext, job, qat_artifact: BuiltArti
     shutil.rmtree(ptq_dir, ignore_errors=True)
     chosen.quantization["qat_selection"] = {
         **measured, "kept": kept, "rule": ctx.cfg.qat_keep, "qat_epochs": ctx.cfg.qat_epochs,
-        "qat_loss": loss_name(job.train_config), "images": len(ref.labels),
+        "qat_loss": loss_name(job.train_config), "qat_lr": job.train_config.lr,
+        "qat_batch_size": job.train_config.batch_size, "images": len(ref.labels),
         "measured_on": "the written PTQ and QAT artifacts, run by their runtime on the evaluation images"}
     stages("select", f"agreement with FP32 on {len(ref.labels)} images: PTQ {100 * measured['ptq']['agreement']:.2f}%"
                      f", QAT {100 * measured['qat']['agreement']:.2f}%: kept {kept.upper()}",

@@ -388,6 +388,9 @@ def test_phone_qat_build_runs(tmp_path):
     assert "mean squared error" in sel["qat_loss"]  # the default schedule: MSE on the FP32 logits, lr 3e-5
     resolved = tomllib.loads((out / "config.resolved.toml").read_text())["build"]
     assert (resolved["qat_lr"], resolved["qat_loss"]) == (3e-5, "mse")
+    assert (sel["qat_lr"], sel["qat_batch_size"]) == (3e-5, 64)  # the schedule, in the report too
+    md = (out / "report.md").read_text()
+    assert f"kept **{sel['kept'].upper()}**" in md and "0.1 epochs, lr 3e-05, batch 64" in md
     assert sel["kept"] == ("ptq" if sel["ptq"]["agreement"] > sel["qat"]["agreement"] else "qat")
     assert r["drift"]["agreement"] == sel[sel["kept"]]["agreement"]  # what ships is what was kept
     assert r["quantization"]["qat_epochs"] == (0.1 if sel["kept"] == "qat" else 0.0)

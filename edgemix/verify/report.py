@@ -96,6 +96,26 @@ def _ms(x) -> str:
     return "-" if x is None else f"{x:.2f} ms"
 
 
+def _qat_section(sel: dict | None) -> list[str]:
+    """PTQ's and QAT's written artifacts side by side, which one ships, and QAT's loss and schedule."""
+    if not sel:
+        return []
+    schedule = f"{sel['qat_epochs']:g} epochs"
+    if sel.get("qat_lr") is not None:
+        schedule += f", lr {sel['qat_lr']:g}, batch {sel['qat_batch_size']}"
+    return [
+        f"## QAT or PTQ ({sel['images']} images, kept **{sel['kept'].upper()}**, rule `{sel['rule']}`)",
+        "",
+        "| artifact | top-1 | agreement with FP32 |",
+        "|---|---|---|",
+        f"| PTQ | {_pct(sel['ptq']['top1'])} | {_pct(sel['ptq']['agreement'])} |",
+        f"| QAT | {_pct(sel['qat']['top1'])} | {_pct(sel['qat']['agreement'])} |",
+        "",
+        f"QAT: {schedule}; loss: {sel['qat_loss']}.",
+        "",
+    ]
+
+
 def render_markdown(r: dict) -> str:
     d, lat = r["drift"], r["latency_ms"]
     lines = [
@@ -116,6 +136,7 @@ def render_markdown(r: dict) -> str:
         f"| logit cosine (mean / min) | {d['cosine_mean']:.5f} / {d['cosine_min']:.5f} |",
         f"| logit SQNR | {d['sqnr_db']:.1f} dB |",
         "",
+        *_qat_section(r["quantization"].get("qat_selection")),
         f"## Host latency (batch {lat['batch']}, {lat['threads']} threads, {lat['runs']} runs after {lat['warmup']} warm-up)",
         "",
         "| p50 | p90 | p99 | mean | std |",
