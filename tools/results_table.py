@@ -71,6 +71,9 @@ def stage_rows(records: list[dict]) -> list[str]:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print(__doc__.strip() + "\n    python tools/results_table.py --stages NAME...   (each stage's seconds and peak memory)")
+        sys.exit(0)
     if sys.argv[1:2] == ["--stages"]:
         print("\n".join(stage_rows([json.loads((ROOT / "docs" / "results" / f"{n}.json").read_text())
                                      for n in sys.argv[2:]])))

@@ -255,6 +255,20 @@ def dynamic(exported: torch.export.ExportedProgram, example: torch.Tensor, float
     return convert_pt2e(prepared)
 
 
+def _qat_train_config(train_set, epochs: float, train_config):
+    """The fine-tuning settings of a QAT run (``train_config`` or the QAT defaults, for ``epochs``), its
+    batch no larger than the training set; no training images is a UsageError."""
+    from edgemix.train import qat_config
+
+    if train_set is None or len(train_set) == 0:
+        raise UsageError("quantization-aware training needs training images, got none",
+                         hint="give a training data source for --qat-epochs, or use post-training quantization")
+    cfg = qat_config(epochs) if train_config is None else dataclasses.replace(train_config, epochs=epochs)
+    if cfg.batch_size > len(train_set):
+        cfg = dataclasses.replace(cfg, batch_size=len(train_set))
+    return cfg
+
+
 def qat(model: torch.nn.Module, spec, train_set, epochs: float, train_config=None,
         calib_inputs: torch.Tensor | None = None, observer: str = "minmax", percentile: float = 99.99,
         float_modules: tuple[type, ...] = (), device: str = "cpu", calib_batch: int | None = None):
@@ -275,14 +289,9 @@ def qat(model: torch.nn.Module, spec, train_set, epochs: float, train_config=Non
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-    from edgemix.train import fit, qat_config
+    from edgemix.train import fit
 
-    if train_set is None or len(train_set) == 0:
-        raise UsageError("quantization-aware training needs training images, got none",
-                         hint="give a training data source for --qat-epochs, or use post-training calibration")
-    cfg = qat_config(epochs) if train_config is None else dataclasses.replace(train_config, epochs=epochs)
-    if cfg.batch_size > len(train_set):
-        cfg = dataclasses.replace(cfg, batch_size=len(train_set))
+    cfg = _qat_train_config(train_set, epochs, train_config)
     prepared, set_train = prepare_qat(model, calib_inputs, cfg.batch_size, observer, percentile, float_modules, device,
                                       calib_batch)
     fit(prepared, list(prepared.parameters()), spec, train_set, cfg, set_train=set_train, desc="qat",
@@ -373,14 +382,9 @@ def qat_dynamic(model: torch.nn.Module, spec, train_set, epochs: float, train_co
     distilling ``model``'s own logits when ``train_config.distill`` > 0; its weights then go through
     the same dynamic conversion as PTQ's. ``model`` is left untouched.
     """
-    from edgemix.train import fit, qat_config
+    from edgemix.train import fit
 
-    if train_set is None or len(train_set) == 0:
-        raise UsageError("quantization-aware training needs training images, got none",
-                         hint="give a training data source for --qat-epochs, or use post-training quantization")
-    cfg = qat_config(epochs) if train_config is None else dataclasses.replace(train_config, epochs=epochs)
-    if cfg.batch_size > len(train_set):
-        cfg = dataclasses.replace(cfg, batch_size=len(train_set))
+    cfg = _qat_train_config(train_set, epochs, train_config)
     student = copy.deepcopy(model).to(device)
     if _swap_gemms(student, float_modules, wrap=True) == 0:
         raise UsageError(f"{type(model).__name__} has no Linear or Conv2d outside the layers kept in float: "
