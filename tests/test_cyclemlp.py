@@ -323,3 +323,18 @@ def test_fmnist_exports_to_onnx(tmp_path):
         want = model(x).numpy()
     # onnxruntime's fp32 kernels vs PyTorch's: rounding only, logits of O(1)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_phone_dynamic_activations_are_refused_cleanly_when_xnnpack_cannot_lower_them(tmp_path):
+    """ExecuTorch 1.5.1's XNNPACK backend rejects CycleMLP's dynamic INT8 program (a layout copy sits
+    between a GEMM input's dequantize and the GEMM): a usage error naming the model, the option and
+    the library's reason, pointing at static activations; nothing written."""
+    pytest.importorskip("executorch", reason="the executorch package (ExecuTorch toolchain) is not installed")
+    from conftest import assert_clean_error, run_cli
+
+    out = tmp_path / "cyc"
+    p = run_cli("build", "--target", "phone", "--model", "cyclemlp-fmnist", "--backend-option", "activations=dynamic",
+                "--eval-limit", "20", "--no-isa-check", "--no-compare-fp32", "--out", out)
+    assert_clean_error(p, 2, "cyclemlp-fmnist cannot be lowered with dynamic INT8 activations",
+                       "Weight and Input should both be quantized", "activations=static")
+    assert not out.exists() and not list(tmp_path.glob(".*staging*"))

@@ -141,7 +141,17 @@ class ExecuTorchBackend(Backend):
         t0 = time.perf_counter()
         drop_provenance(exported)
         with _partitioner_reasons() as reasons, skip_unmatchable_patterns():
-            edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+            try:
+                edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+            except RuntimeError as e:
+                if not (dynamic and job.precision == "int8"):
+                    raise
+                # ExecuTorch 1.5.1's XNNPACK backend rejects some dynamic graphs it partitioned: in
+                # CycleMLP a layout copy lands between a GEMM input's dequantize and the GEMM
+                # ("Weight and Input should both be quantized")
+                raise UsageError(f"{job.spec.name} cannot be lowered with dynamic INT8 activations: ExecuTorch's "
+                                 f"XNNPACK backend refused its program ({e})",
+                                 hint="use --backend-option activations=static (calibrated activations)") from None
         report = delegation_report(edge.exported_program().graph_module, reasons)
         gemms = sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in job.model.modules())
         report["model_linear_conv"] = gemms
