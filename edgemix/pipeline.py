@@ -146,7 +146,8 @@ def _isa_drift(ctx: BuildContext, spec, artifact, eval_inputs, ref_logits, label
     rows = ctx.backend.isa_drift(artifact, ctx.target, eval_inputs[:n].numpy(), ref_logits[:n], labels[:n])
     summary = ", ".join(f"{r['arch']}/{r['cpu']} agreement {100 * r['agreement']:.1f}%"
                         + ("" if r["trusted"] else " (UNTRUSTED emulator)") for r in rows)
-    ready = prepared.result() if prepared is not None and prepared.done() and not prepared.exception() else None
+    # the side thread has ended (the build waited for it before verifying); a failure there recurred above
+    ready = prepared.result() if prepared is not None and prepared.exception() is None else None
     stages("isa", f"native runner on {n} images: {summary}"
                   + (f"; runners and emulator self-tests readied beside the lowering ({ready:.1f} s)"
                      if ready is not None else ""), time.perf_counter() - t)

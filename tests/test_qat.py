@@ -191,7 +191,7 @@ def test_dynamic_qat_trains_the_rounding_xnnpack_does_at_run_time(tmp_path):
     twin = copy.deepcopy(view)
     paths = pt2e.dynamic_gemm_paths(converted)
     assert "head" in paths and not any("norm" in p for p in paths)  # LayerNorm's mean GEMVs stay float
-    assert pt2e._swap_gemms(twin, paths, wrap=True) == 18  # 16 block Linears, the stem, the head
+    assert pt2e._wrap_gemms(twin, paths) == 18  # 16 block Linears, the stem, the head
     with torch.no_grad():
         simulated = twin(x)
     # the same rounding, up to XNNPACK's own arithmetic for scales and zero points (an input that
@@ -202,7 +202,8 @@ def test_dynamic_qat_trains_the_rounding_xnnpack_does_at_run_time(tmp_path):
     # two epochs of the 2,000-image sample at the build's QAT defaults (lr 3e-5, MSE on the FP32 logits)
     cfg = TrainConfig(epochs=2.0, batch_size=64, lr=3e-5, warmup_epochs=0.0, augment=False, label_smoothing=0.0,
                       weight_decay=0.0, distill=1.0, distill_loss="mse", seed=0)
-    qat = _pte_logits(pt2e.qat_dynamic(view, model.spec, train, 2.0, cfg, x[:1], float_modules), x, tmp_path, "qat")
+    qat = _pte_logits(pt2e.qat_dynamic(view, pt2e.export_model(view, x[:1]), model.spec, train, 2.0, cfg, x[:1],
+                                       float_modules), x, tmp_path, "qat")
     mse = {name: float(((out - ref) ** 2).mean()) for name, out in (("ptq", ptq), ("qat", qat))}
     assert mse["qat"] < 0.95 * mse["ptq"], mse  # 2026-12-01: 0.85
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -94,12 +94,10 @@ class ExecuTorchBackend(Backend):
         if job.precision == "int8":
             t0 = time.perf_counter()
             if dynamic and job.qat_epochs > 0:
-                converted = pt2e.qat_dynamic(model, job.spec, job.train_set, job.qat_epochs, job.train_config,
-                                             example, float_modules, device=job.device)
+                converted = pt2e.qat_dynamic(model, exported, job.spec, job.train_set, job.qat_epochs,
+                                             job.train_config, example, float_modules, device=job.device)
                 quant.update(observer="none: each GEMM input row's range, at run time, simulated in QAT",
-                             qat_epochs=float(job.qat_epochs),
-                             qat_loss=loss_name(job.train_config or qat_config(job.qat_epochs)),
-                             qat_train_images=len(job.train_set))
+                             **_qat_quantization(job))
                 produced = (f"QAT {job.qat_epochs:g} epochs on {len(job.train_set)} images for dynamic per-row "
                             "activations")
                 stage_name = "qat"
@@ -113,9 +111,7 @@ class ExecuTorchBackend(Backend):
                                      job.calib_inputs, job.recipe.observer, job.recipe.percentile, float_modules,
                                      device=job.device, calib_batch=job.recipe.batch_size)
                 quant.update(observer=f"{job.recipe.observer} (calibrated, then frozen for QAT)",
-                             qat_epochs=float(job.qat_epochs), calibration_images=len(job.calib_inputs),
-                             qat_loss=loss_name(job.train_config or qat_config(job.qat_epochs)),
-                             qat_train_images=len(job.train_set))
+                             calibration_images=len(job.calib_inputs), **_qat_quantization(job))
                 produced = f"QAT {job.qat_epochs:g} epochs on {len(job.train_set)} images"
                 stage_name = "qat"
             else:
@@ -225,6 +221,13 @@ class ExecuTorchBackend(Backend):
         if path is None or not Path(path).is_file():
             raise UsageError(f"ExecuTorch program {path} does not exist", hint="build it first")
         return ExecuTorchPredictor(Path(path), artifact.batch_size, artifact.dynamic_batch, threads)
+
+
+def _qat_quantization(job: BuildJob) -> dict:
+    """The report's QAT fields, the same for static and dynamic activations (after QAT ran: it
+    refuses a missing training set first)."""
+    return {"qat_epochs": float(job.qat_epochs), "qat_loss": loss_name(job.train_config or qat_config(job.qat_epochs)),
+            "qat_train_images": len(job.train_set)}
 
 
 def _example_input(job: BuildJob, batch: int) -> torch.Tensor:

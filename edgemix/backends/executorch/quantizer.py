@@ -371,28 +371,32 @@ def dynamic_gemm_paths(converted: torch.fx.GraphModule) -> set[str]:
     return paths
 
 
-def _swap_gemms(module: torch.nn.Module, paths: set[str] | None, wrap: bool) -> int:
+def _wrap_gemms(module: torch.nn.Module, paths: set[str]) -> int:
     """Wrap the Linears and Conv2ds at ``paths`` (module paths, as :func:`dynamic_gemm_paths` gives them)
-    for QAT, or unwrap every wrapped one. A subclass with a forward of its own is left as it is (its
-    function is not the plain GEMM the wrapper would compute). Returns how many."""
+    for QAT. A subclass with a forward of its own is left as it is (its function is not the plain GEMM
+    the wrapper would compute). Returns how many were wrapped."""
     count = 0
-    for path in sorted(paths or ()) if wrap else [n for n, m in module.named_modules() if isinstance(m, _DynamicQAT)]:
+    for path in sorted(paths):
         parent_path, _, name = path.rpartition(".")
         parent = module.get_submodule(parent_path)
         child = getattr(parent, name)
-        if not wrap:
-            setattr(parent, name, child.inner)
-        elif any(isinstance(child, kind) and type(child).forward is kind.forward
-                 for kind in (torch.nn.Linear, torch.nn.Conv2d)):
+        if any(isinstance(child, kind) and type(child).forward is kind.forward
+               for kind in (torch.nn.Linear, torch.nn.Conv2d)):
             setattr(parent, name, _DynamicQAT(child))
-        else:
-            continue
-        count += 1
+            count += 1
     return count
 
 
-def qat_dynamic(model: torch.nn.Module, spec, train_set, epochs: float, train_config, example: torch.Tensor,
-                float_modules: tuple[type, ...] = (), device: str = "cpu"):
+def _unwrap_gemms(module: torch.nn.Module) -> None:
+    """Put back every module :func:`_wrap_gemms` wrapped (the trained one itself)."""
+    for path in [n for n, m in module.named_modules() if isinstance(m, _DynamicQAT)]:
+        parent_path, _, name = path.rpartition(".")
+        parent = module.get_submodule(parent_path)
+        setattr(parent, name, getattr(parent, name).inner)
+
+
+def qat_dynamic(model: torch.nn.Module, exported: torch.export.ExportedProgram, spec, train_set, epochs: float,
+                train_config, example: torch.Tensor, float_modules: tuple[type, ...] = (), device: str = "cpu"):
     """Quantization-aware fine-tuning for dynamic activations; returns the converted GraphModule, as
     :func:`dynamic` gives it, of the fine-tuned weights.
 
@@ -400,19 +404,20 @@ def qat_dynamic(model: torch.nn.Module, spec, train_set, epochs: float, train_co
     training can adapt to is the weights' rounding and that per-row input rounding. A copy of
     ``model`` trains with both simulated exactly (:func:`fake_quant_weight`, :func:`fake_quant_dynamic`),
     distilling ``model``'s own logits when ``train_config.distill`` > 0; its weights then go through
-    the same dynamic conversion as PTQ's. ``model`` is left untouched.
+    the same dynamic conversion as PTQ's. ``exported``: ``model`` as captured at ``example``'s batch
+    (the build's own export), read for which GEMMs the conversion quantizes. ``model`` is left untouched.
     """
     from edgemix.train import fit
 
     cfg = _qat_train_config(train_set, epochs, train_config)
     # which GEMMs the conversion quantizes, read off the dynamic PTQ graph of the untrained model
-    paths = dynamic_gemm_paths(dynamic(export_model(model, example), example, float_modules))
+    paths = dynamic_gemm_paths(dynamic(exported, example, float_modules))
     student = copy.deepcopy(model).to(device)
-    if _swap_gemms(student, paths, wrap=True) == 0:
+    if _wrap_gemms(student, paths) == 0:
         raise UsageError(f"{type(model).__name__} has no Linear or Conv2d that dynamic quantization runs in "
                          "INT8: nothing for dynamic-activation QAT to train", hint="drop --qat-epochs")
     fit(student, list(student.parameters()), spec, train_set, cfg, desc="qat", device=device, teacher=model)
-    _swap_gemms(student, None, wrap=False)
+    _unwrap_gemms(student)
     student.to("cpu").eval()
     return dynamic(export_model(student, example), example, float_modules)
 
