@@ -672,3 +672,65 @@ def test_host_proxy_gives_onnxruntime_uint8_activations_with_the_same_outputs(tm
         monkeypatch.setattr(dev, "uint8_activations", lambda *a: pytest.fail("converted off x86"))
         ort_session(path, 1)
     assert onnx.load(str(path)) == model  # the artifact on disk is never rewritten
+
+
+def test_batchnorm_after_an_activation_becomes_the_affine_it_computes():
+    """ConvMixer's BatchNorm follows a GELU: the layout pass writes it as per-channel Mul + Add (which
+    onnxruntime can move its NHWC Transposes through), with the GELU's scalar 0.5 folded into the
+    scale; the same numbers. A Conv's BatchNorm, which every runtime folds into the Conv, is left."""
+    rng = np.random.default_rng(3)
+    c = 4
+
+    def bn_inits(prefix):
+        return [numpy_helper.from_array(v.astype(np.float32), f"{prefix}_{k}") for k, v in
+                (("g", rng.uniform(0.5, 2, c)), ("b", rng.standard_normal(c)), ("m", rng.standard_normal(c)),
+                 ("v", rng.uniform(0.1, 3, c)))]
+
+    half = helper.make_node("Constant", [], ["half"], value=numpy_helper.from_array(np.array(0.5, np.float32)))
+    nodes = [half,
+             helper.make_node("Conv", ["x", "w"], ["conv"], name="conv"),
+             helper.make_node("BatchNormalization", ["conv", *[f"bn0_{k}" for k in "gbmv"]], ["bn0"], name="bn0"),
+             helper.make_node("Erf", ["bn0"], ["act"]),
+             helper.make_node("Mul", ["act", "half"], ["scaled"]),
+             helper.make_node("BatchNormalization", ["scaled", *[f"bn1_{k}" for k in "gbmv"]], ["bn1"], name="bn1",
+                              epsilon=1e-3),
+             helper.make_node("Mul", ["bn1", "half"], ["y"])]  # the shared constant is still read here
+    graph = helper.make_graph(
+        nodes, "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 5, 5])],
+        [numpy_helper.from_array(rng.standard_normal((c, c, 1, 1)).astype(np.float32), "w"),
+         *bn_inits("bn0"), *bn_inits("bn1")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((1, c, 5, 5)).astype(np.float32)
+    before = _ort(model, x)
+    fixed, fixes = qdq.to_tensorrt_layout(model)
+    assert fixes == ["1 BatchNormalizations (after an activation) written as per-channel Mul + Add, "
+                     "1 scalar Muls folded into them"]
+    ops = op_counts(fixed)
+    assert ops["BatchNormalization"] == 1 and ops["Mul"] == 2 and ops["Add"] == 1 and ops["Constant"] == 1
+    assert [n.name for n in fixed.graph.node if n.op_type == "BatchNormalization"] == ["bn0"]
+    assert not any(i.name.startswith("bn1_") for i in fixed.graph.initializer)  # its statistics are gone
+    onnx.checker.check_model(fixed, full_check=True)
+    np.testing.assert_allclose(_ort(fixed, x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_output_quantizers_take_their_range_from_the_float_conv():
+    """The quantizers added after each Conv (ConvMixer, CycleMLP on jetson) sit where NNCF left the
+    output in float, and the min-max recipe gives each the largest |output| of the FP32 model's Conv
+    over the calibration batches (NNCF's own quantizers off while it is measured)."""
+    from nncf.torch.function_hook.wrapper import get_hook_storage
+
+    from edgemix.models import build_model, resolve_spec
+
+    torch.manual_seed(0)
+    model = build_model(resolve_spec("convmixer-fmnist")).eval()
+    calib = torch.randn(16, 1, 28, 28)
+    plain = qdq.quantize_ptq(model, calib, resolve_recipe("default"), qdq.QDQSettings())
+    q = qdq.quantize_ptq(model, calib, resolve_recipe("default"), qdq.QDQSettings(conv_outputs=True))
+    added = sorted(set(get_hook_storage(q).post_hooks.keys()) - set(get_hook_storage(plain).post_hooks.keys()))
+    convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(added) == len(convs) == 13 and all("/conv2d/" in k for k in added)
+    stem = get_hook_storage(q).post_hooks["stem/0/conv2d/0__0"]["0"]
+    with torch.no_grad():
+        expected = model.stem[0](calib).abs().max()
+    assert stem.signed and float(stem.scale.detach()) == pytest.approx(float(expected), rel=1e-6)

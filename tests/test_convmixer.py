@@ -1,6 +1,8 @@
 """ConvMixer: the paper's variants, the authors' (locuslab) and timm's checkpoint layouts, the export
 form, and `edgemix eval` giving the authors' logits for the authors' file."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -174,3 +176,16 @@ def test_phone_activations_default_to_the_familys_choice():
     assert activations_for(None, view.activations, qat=True) == "static"
     assert activations_for(None, "static", qat=False) == "static"  # every other family's default
     assert activations_for("dynamic", "static", qat=False) == "dynamic"
+
+
+def test_jetson_conv_outputs_follow_the_family_unless_the_option_says_otherwise(tmp_path):
+    """`--backend-option conv_outputs=false` gives NNCF's placement alone (Q/DQ on Conv inputs, as
+    TensorRT's guide places them): no Conv of the artifact writes INT8."""
+    out = tmp_path / "b"
+    p = run_cli("build", "--target", "jetson", "--model", "convmixer-fmnist", "--random-weights", "--eval-limit",
+                "20", "--latency-runs", "3", "--latency-seconds", "0", "--backend-option", "conv_outputs=false",
+                "--out", out)
+    assert p.returncode == 0, p.stdout + p.stderr
+    quant = json.loads((out / "report.json").read_text())["quantization"]
+    assert quant["conv_outputs"] is False and quant["conv_outputs_quantized"] == 0
+    assert "Conv outputs" not in quant["scheme"]

@@ -4,10 +4,15 @@ weights: this checks the lowering and the proof on the written artifact), and th
 checkpoints shipped for each."""
 
 import json
+import platform
 
+import onnx
 import pytest
 
 from conftest import run_cli
+from edgemix.backends.onnx_graph import op_counts
+from edgemix.backends.tensorrt import ort_session
+from edgemix.resources import device_script
 
 FAST = ("--random-weights", "--eval-limit", "100", "--latency-runs", "5", "--latency-seconds", "0")
 
@@ -47,6 +52,21 @@ def test_relatives_jetson_build_passes_the_tensorrt_check(tmp_path, model):
     compat = r["details"]["compat"]
     assert compat["ok"] and compat["qdq_pairs"] > 0 and compat["int8_weights"] > 0
     assert r["drift"]["cosine_mean"] > 0.95 and r["latency_ms"]["p50"] > 0
+    # ConvMixer's and CycleMLP's Conv outputs are quantized too (the family's choice), so that
+    # onnxruntime, the host proxy, runs every Conv as an integer kernel
+    quant, artifact = r["quantization"], tmp_path / f"{model}_jetson" / r["artifact"]["files"]["model"]["name"]
+    if model == "vip-fmnist":
+        assert quant["conv_outputs"] is False and "Conv outputs" not in quant["scheme"]
+        return
+    convs = r["details"]["onnx"]["ops"]["Conv"]
+    assert quant["conv_outputs"] is True and quant["conv_outputs_quantized"] == convs
+    assert quant["scheme"].endswith("and on Conv outputs")
+    ort_session(artifact, 1, tmp_path / "optimized.onnx")
+    ops = op_counts(onnx.load(str(tmp_path / "optimized.onnx")))
+    if platform.machine().lower() in device_script().X86_MACHINES:  # uint8 form: QLinearConv on x86
+        assert ops["QLinearConv"] == convs and ops["Conv"] == 0, ops
+    if model == "convmixer-fmnist":  # its BatchNorms as Mul + Add: the NHWC Transposes cancel
+        assert ops["BatchNormalization"] == 0 and ops["Transpose"] <= 2, ops
 
 
 # full Fashion-MNIST test set (10,000 images), host CPU: edgemix eval --model ALIAS --data fashion-mnist

@@ -209,4 +209,5 @@ def export_form(model: ConvMixer) -> tuple[nn.Module, str]:
 
 register(Family(name="convmixer", title="ConvMixer", spec_cls=ConvMixerSpec, variants=VARIANTS,
                 paper_names=PAPER_NAMES, build=build_model, import_state_dict=import_state_dict,
-                export_form=export_form, default_weights={"convmixer-fmnist": "convmixer-fmnist.pt"}))
+                export_form=export_form, default_weights={"convmixer-fmnist": "convmixer-fmnist.pt"},
+                qdq_conv_outputs=True))

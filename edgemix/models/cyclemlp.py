@@ -269,4 +269,4 @@ def import_state_dict(sd: dict, spec: CycleMLPSpec) -> tuple[dict, list[str]]:
 
 register(Family(name="cyclemlp", title="CycleMLP", spec_cls=CycleMLPSpec, variants=VARIANTS,
                 paper_names=PAPER_NAMES, build=build_model, import_state_dict=import_state_dict,
-                default_weights={"cyclemlp-fmnist": "cyclemlp-fmnist.pt"}))
+                default_weights={"cyclemlp-fmnist": "cyclemlp-fmnist.pt"}, qdq_conv_outputs=True))

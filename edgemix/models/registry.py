@@ -111,6 +111,9 @@ class Family:
     import_state_dict: Callable  # (foreign state dict, spec) -> (state dict in our keys, dropped keys with reasons)
     export_form: Callable | None = None  # model -> the same function for edge runtimes
     default_weights: dict | None = None  # alias -> shipped checkpoint file name in resources/weights/
+    # jetson INT8: also quantize every Conv's output (edgemix.backends.tensorrt.qdq.quantize_conv_outputs),
+    # for families whose Convs feed an activation or a branch sum rather than another quantized op
+    qdq_conv_outputs: bool = False
 
 
 FAMILIES: dict[str, Family] = {}
@@ -179,6 +182,12 @@ def spec_from_dict(d: dict):
         raise CheckpointError(f"the stored model spec names an unknown model family '{name}'",
                               hint=f"known families: {', '.join(FAMILIES)}")
     return FAMILIES[name].spec_cls.from_dict(d)
+
+
+def family_setting(model: nn.Module, name: str, default=None):
+    """A field of the model's family (``default`` for a model of no registered family)."""
+    fam = FAMILIES.get(getattr(getattr(model, "spec", None), "family", None))
+    return default if fam is None else getattr(fam, name)
 
 
 def export_form(model: nn.Module) -> tuple[nn.Module, str]:

@@ -25,23 +25,31 @@ class TensorRTOptions(BaseModel):
                                        "what --fallback chose")
     smooth_quant: float | None = Field(None, ge=0, le=1, description="SmoothQuant alpha in [0, 1] (off when unset)")
     bias_correction: bool = Field(False, description="NNCF's fast bias correction")
+    conv_outputs: bool | None = Field(None, description="also quantize every Conv's output, so that onnxruntime "
+                                      "and TensorRT run it INT8 in and out (default: the model family's choice, "
+                                      "on for ConvMixer and CycleMLP)")
 
     @field_validator("keep_fp32", mode="before")
     @classmethod
     def _split(cls, v):
         return tuple(k.strip() for k in v.split(",") if k.strip()) if isinstance(v, str) else v
 
-    @field_validator("smooth_quant", mode="before")
+    @field_validator("smooth_quant", "conv_outputs", mode="before")
     @classmethod
     def _unset(cls, v):
         return None if v == "" else v
 
 
-def qdq_settings(options: TensorRTOptions):
+def qdq_settings(options: TensorRTOptions, model=None):
+    """The QDQ settings for ``options``; ``model``'s family decides what the options leave unset."""
     from edgemix.backends.tensorrt.qdq import QDQSettings
+    from edgemix.models.registry import family_setting
 
+    conv_outputs = options.conv_outputs
+    if conv_outputs is None:
+        conv_outputs = bool(family_setting(model, "qdq_conv_outputs", False))
     return QDQSettings(keep_fp32=options.keep_fp32, smooth_quant=options.smooth_quant,
-                       bias_correction=options.bias_correction)
+                       bias_correction=options.bias_correction, conv_outputs=conv_outputs)
 
 
 @register
@@ -69,7 +77,7 @@ class TensorRTBackend(Backend):
         onnx_path = stage_dir / f"{job.basename}{self.artifact_suffix}"
         quant: dict = {"scheme": "fp32 weights and activations (TensorRT builder decides fp16 when asked)"}
         if job.precision == "int8":
-            settings = qdq_settings(opts)
+            settings = qdq_settings(opts, job.model)
             t0 = time.perf_counter()
             qmodel = qdq.quantize_ptq(job.model, job.calib_inputs, job.recipe, settings, device=job.device)
             job.stage("calibrate", f"INT8 ranges from {len(job.calib_inputs)} images ({quant_observer(job)})",
@@ -85,11 +93,13 @@ class TensorRTBackend(Backend):
             proto, fixes = qdq.export_qdq(qmodel, spec, batch=batch, dynamic_batch=dynamic, opset=trt_cfg.opset)
             layout = qdq.qdq_layout(proto)
             quant = {"scheme": "int8 symmetric (zero point 0), per-channel weights on the output-channel axis, "
-                               "per-tensor activations, explicit Q/DQ on Conv/MatMul/Gemm inputs",
+                               "per-tensor activations, explicit Q/DQ on Conv/MatMul/Gemm inputs"
+                               + (" and on Conv outputs" if settings.conv_outputs else ""),
                      "tool": f"nncf {_version('nncf')}", "observer": quant_observer(job),
                      "calibration_images": int(len(job.calib_inputs)), "qat_epochs": float(job.qat_epochs),
                      "qat": qat, "keep_fp32": list(settings.keep_fp32), "smooth_quant": settings.smooth_quant,
                      "bias_correction": settings.bias_correction, "layout_fixes": fixes,
+                     "conv_outputs": settings.conv_outputs, "conv_outputs_quantized": qdq.conv_outputs_quantized(proto),
                      "quantized_layers": sum(r["weight_quantized"] and r["activation_quantized"] for r in layout)}
         else:
             t0 = time.perf_counter()

@@ -1,10 +1,11 @@
 """INT8 the way TensorRT wants it: NNCF PTQ (and QAT) on the torch model -> explicit Q/DQ ONNX.
 
 Scheme (TensorRT's explicit-quantization rules): signed INT8, symmetric, zero point 0; weights
-per output channel, activations per tensor; Q/DQ only on the inputs of Conv/MatMul/Gemm, so
+per output channel, activations per tensor; Q/DQ on the inputs of Conv/MatMul/Gemm, so
 LayerNorm, GELU, the residual adds and the mean pool stay in float (NNCF's transformer patterns
 place activation quantizers on the LayerNorm outputs, which TensorRT propagates past the
-token-mixing Transposes into the GEMMs). After export, :func:`to_tensorrt_layout` rewrites what the
+token-mixing Transposes into the GEMMs). For families that ask for it (ConvMixer, CycleMLP), also
+on the Conv outputs NNCF leaves in float (:func:`quantize_conv_outputs`). After export, :func:`to_tensorrt_layout` rewrites what the
 TorchScript exporter leaves in a form TensorRT reads less well (see there), and :func:`qdq_layout`
 reports the result so tests and the compatibility check can prove it.
 """
@@ -27,7 +28,7 @@ from onnx import numpy_helper
 from edgemix import console
 from edgemix.devices import to_device
 from edgemix.backends.tensorrt.export import check_onnx, example_input, export_onnx
-from edgemix.backends.onnx_graph import GEMM_OPS, attr, dq_source, graph_maps, set_attr, walk_to_dq
+from edgemix.backends.onnx_graph import GEMM_OPS, attr, const, dq_source, graph_maps, set_attr, walk_to_dq
 from edgemix.backends.tensorrt.rules import weight_channel_axis
 
 TRANSPOSED_SUFFIX = "_transposed"  # marks a weight stored (in, out) for MatMul instead of torch's (out, in)
@@ -42,6 +43,9 @@ class QDQSettings:
     # NNCF's fast bias correction: off by default. On Mixer it changed nothing measurable (fmnist
     # agreement 0.996 with and without) but cost ~35 s of S/16's build (a per-channel Python loop)
     bias_correction: bool = False
+    # a Q/DQ pair on the output of every quantized Conv (see quantize_conv_outputs); the family's
+    # choice unless the backend option says otherwise
+    conv_outputs: bool = False
 
 
 def quantizable_layers(model: torch.nn.Module) -> list[str]:
@@ -160,7 +164,77 @@ def quantize_ptq(model: torch.nn.Module, calib_inputs: torch.Tensor, recipe,
             model.eval(), data, preset=nncf.QuantizationPreset.PERFORMANCE,  # symmetric weights and activations
             model_type=nncf.ModelType.TRANSFORMER, subset_size=len(batches),
             ignored_scope=_ignored_scope(model, settings.keep_fp32), advanced_parameters=_advanced(recipe, settings))
+        if settings.conv_outputs:
+            quantize_conv_outputs(qmodel, batches, recipe)
     return qmodel.to("cpu")
+
+
+class _Observe(torch.nn.Module):
+    """A pass-through hook that feeds what flows past it to a torchao observer."""
+
+    def __init__(self, observer):
+        super().__init__()
+        self.observer = observer
+
+    def forward(self, x):
+        self.observer(x.detach().float().cpu())
+        return x
+
+
+def quantize_conv_outputs(qmodel: torch.nn.Module, batches, recipe) -> list[str]:
+    """Add a per-tensor INT8 quantizer on the output of every Conv NNCF quantized in ``qmodel`` whose
+    output it left in float; returns NNCF's names of those Conv calls.
+
+    NNCF, like TensorRT's placement guide, quantizes only the inputs of Convs. In ConvMixer and
+    CycleMLP a GELU, BatchNorm or branch sum follows most Convs, so the exported graph has no Q after
+    them, and onnxruntime (the jetson host proxy) then runs each such Conv in float on dequantized
+    weights, without the blocked layout of its FP32 session: ConvMixer ran at 2.6-3.1x its FP32
+    artifact. With a Q/DQ pair after the Conv, onnxruntime fuses DQ -> Conv -> Q into QLinearConv
+    and TensorRT into an INT8-in, INT8-out convolution. The ranges come from the Conv outputs of the
+    float model (NNCF's quantizers off, as NNCF calibrates), over the same batches, with the
+    recipe's observer, symmetric as TensorRT requires. The quantizers are NNCF's own, so QAT trains
+    their scales like the others.
+    """
+    from nncf.torch.function_hook.wrapper import get_hook_storage, register_post_function_hook
+    from nncf.torch.quantization.layers import BaseQuantizer
+
+    from edgemix.backends.observers import activation_observer
+
+    hooks = get_hook_storage(qmodel)
+    quantizers = [m for m in hooks.modules() if isinstance(m, BaseQuantizer)]
+    output_quantized = set(hooks.post_hooks.keys())
+    # NNCF keys a hook "<op name>__<port>": port 1 of a conv2d call is its weight
+    convs = [k.removesuffix("__1") for k in hooks.pre_hooks.keys()
+             if k.endswith("__1") and "/conv2d/" in k and f"{k.removesuffix('__1')}__0" not in output_quantized]
+    if not convs:
+        return []
+    # NNCF's own per-tensor activation quantizer, as a template (made signed: a Conv output has both signs)
+    template = next(q for d in [*hooks.pre_hooks.values(), *hooks.post_hooks.values()] for q in d.values()
+                    if tuple(getattr(q, "scale_shape", ())) == (1,))
+    ctr = activation_observer(getattr(recipe, "observer", "minmax"), getattr(recipe, "percentile", 99.99))
+    observers = {op: ctr(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric) for op in convs}
+    handles = [register_post_function_hook(qmodel, op, 0, _Observe(observers[op])) for op in convs]
+    enabled = [q.is_enabled_quantization() for q in quantizers]
+    try:
+        for q in quantizers:
+            q.disable_quantization()
+        with torch.no_grad():
+            for b in batches:
+                qmodel(b)
+    finally:
+        for h in handles:
+            h.remove()
+        for q, on in zip(quantizers, enabled):
+            if on:
+                q.enable_quantization()
+    for op in convs:
+        scale, _ = observers[op].calculate_qparams()
+        quantizer = copy.deepcopy(template)
+        quantizer.signed = True  # NNCF's setter also resets the integer levels
+        # NNCF's symmetric scale is the range's upper bound; torch's symmetric qint8 step is that / 127.5
+        quantizer.scale = torch.nn.Parameter(scale.reshape(template.scale_shape).to(torch.float32) * 127.5)
+        register_post_function_hook(qmodel, op, 0, quantizer.to(template.scale.device))
+    return convs
 
 
 def finetune_qat(qmodel: torch.nn.Module, spec, train_set, train_config, epochs: float,
@@ -198,6 +272,13 @@ def export_qdq(qmodel: torch.nn.Module, spec, *, batch: int, dynamic_batch: bool
     proto, fixes = to_tensorrt_layout(proto)
     check_onnx(proto)  # after the rewrite: onnx.checker and shape inference must accept what ships
     return proto, fixes
+
+
+def conv_outputs_quantized(proto: onnx.ModelProto) -> int:
+    """How many Conv nodes feed a QuantizeLinear and nothing else (their output is INT8)."""
+    _, consumers = graph_maps(proto.graph)
+    return sum(1 for n in proto.graph.node if n.op_type == "Conv"
+               and [c.op_type for c in consumers.get(n.output[0], [])] == ["QuantizeLinear"])
 
 
 # ---------------------------------------------------------------- ONNX graph post-processing
@@ -256,7 +337,71 @@ def to_tensorrt_layout(proto: onnx.ModelProto):
     kept = [v for v in graph.value_info if v.name not in stale]
     del graph.value_info[:]
     graph.value_info.extend(kept)
+    fixes += _batchnorm_as_affine(proto)  # reads the shapes recorded so far: after the stale ones are gone
     return proto, fixes
+
+
+def _batchnorm_as_affine(proto: onnx.ModelProto) -> list[str]:
+    """An inference BatchNormalization that no Conv feeds (ConvMixer's follow a GELU) becomes the
+    per-channel Mul and Add it computes, with a scalar Mul in front of it (the GELU's 0.5) folded into
+    the scale.
+
+    TensorRT fuses either form into its pointwise kernels. onnxruntime cannot move a layout Transpose
+    through a BatchNormalization, so every QLinearConv of a ConvMixer sat between two NCHW <-> NHWC
+    Transposes; through a Mul and an Add with constants it can, and they cancel. Measured
+    (convmixer-1024-20 random weights, 2026-12-01, Intel Xeon, 2 threads): 82 -> 2 Transposes,
+    0.97x -> 0.90x the FP32 artifact's time.
+    """
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    producers, consumers = graph_maps(graph)
+    ranks = {v.name: len(v.type.tensor_type.shape.dim)
+             for v in onnx.shape_inference.infer_shapes(proto).graph.value_info}
+    rewritten, folded = 0, 0
+    for bn in [n for n in graph.node if n.op_type == "BatchNormalization"]:
+        src = producers.get(bn.input[0])
+        rank = ranks.get(bn.input[0])
+        if (len(bn.output) != 1 or any(i not in inits for i in bn.input[1:5]) or rank is None or rank < 2
+                or (src is not None and src.op_type == "Conv")):
+            continue  # training-mode, or a Conv's (every runtime folds that one into the Conv)
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[i]).astype(np.float64) for i in bn.input[1:5])
+        scale = gamma / np.sqrt(var + attr(bn, "epsilon", 1e-5))
+        shift = beta - mean * scale
+        x = bn.input[0]
+        if src is not None and src.op_type == "Mul" and len(consumers.get(src.output[0], [])) == 1:
+            values = [const(i, inits, producers) for i in src.input]
+            k = next((k for k in (0, 1) if values[k] is not None and values[k].size == 1), None)
+            if k is not None:
+                scale, x = scale * float(values[k].reshape(())), src.input[1 - k]
+                graph.node.remove(src)
+                folded += 1
+        shape = (-1,) + (1,) * (rank - 2)
+        base = bn.name or bn.output[0]
+        s_init = numpy_helper.from_array(scale.astype(np.float32).reshape(shape), f"{base}/affine_scale")
+        b_init = numpy_helper.from_array(shift.astype(np.float32).reshape(shape), f"{base}/affine_shift")
+        graph.initializer.extend([s_init, b_init])
+        at = list(graph.node).index(bn)
+        graph.node.insert(at, onnx.helper.make_node("Mul", [x, s_init.name], [f"{bn.output[0]}/scaled"],
+                                                    name=f"{base}/scale"))
+        graph.node.insert(at + 1, onnx.helper.make_node("Add", [f"{bn.output[0]}/scaled", b_init.name],
+                                                        list(bn.output), name=f"{base}/shift"))
+        graph.node.remove(bn)
+        rewritten += 1
+    if not rewritten:
+        return []
+    _, consumers = graph_maps(graph)
+    graph_outputs = {o.name for o in graph.output}
+    for n in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in consumers
+              and n.output[0] not in graph_outputs]:
+        graph.node.remove(n)  # the folded scalars no other node reads
+    for i in [i for i in graph.initializer if i.name not in consumers and i.name not in graph_outputs]:
+        graph.initializer.remove(i)  # the BatchNorms' statistics
+    live = {o for n in graph.node for o in n.output}
+    kept = [v for v in graph.value_info if v.name in live]  # the folded Muls' outputs are gone
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+    return [f"{rewritten} BatchNormalizations (after an activation) written as per-channel Mul + Add"
+            + (f", {folded} scalar Muls folded into them" if folded else "")]
 
 
 def _constant_weights_as_initializers(graph, stale: set) -> list[str]:
