@@ -358,6 +358,24 @@ def test_keep_fp32_excludes_layers_via_nncf(fmnist, data):
         qdq.quantize_ptq(fmnist, data["calib"][:8], resolve_recipe("default"), qdq.QDQSettings(keep_fp32=("heda",)))
 
 
+def test_keep_fp32_finds_layers_nested_in_stages():
+    """CycleMLP's stages are Sequentials in a ModuleList, and NNCF names their ops by call scope
+    (network.2.0.attn.proj is "0/attn/proj/linear/1"): the layers are found by the weight they read.
+    A CycleFC (its own weight, applied with F.conv2d) is a layer too; its fixed one-hot shift kernel,
+    exact in INT8 and no module's weight, is not one."""
+    from edgemix.models import build_model, resolve_spec
+
+    torch.manual_seed(0)
+    model = build_model(resolve_spec("cyclemlp-fmnist")).eval()
+    keep = ("network.2.0.attn.proj", "network.0.1.mlp.fc2", "network.1.proj", "network.0.1.attn.sfc_w")
+    assert len(qdq.quantizable_layers(model)) == 35 and "network.0.1.attn.sfc_w" in qdq.quantizable_layers(model)
+    q = qdq.quantize_ptq(model, torch.randn(8, 1, 28, 28), resolve_recipe("default"), qdq.QDQSettings(keep_fp32=keep))
+    proto, _ = qdq.export_qdq(q, model.spec, batch=1, dynamic_batch=False, opset=17)
+    quantized = {r["layer"] for r in qdq.qdq_layout(proto) if r["weight_quantized"]}
+    modules = set(qdq.quantizable_layers(model))
+    assert modules & quantized == modules - set(keep)
+
+
 # ---------------------------------------------------------------- hand-made graphs: check and fixes
 
 def qdq_matmul(*, act_zp=0, act_scale=0.05, w_scale=None, w_axis=1, act_per_channel=False, extra=None,

@@ -49,8 +49,13 @@ class QDQSettings:
 
 
 def quantizable_layers(model: torch.nn.Module) -> list[str]:
-    """Module names of the layers that get Q/DQ (every Linear and Conv2d), in forward order."""
-    return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    """Module names of the layers that get Q/DQ and can be kept in FP32: every Linear and Conv2d, and
+    every other module holding its own weight matrix or kernel (CycleMLP's CycleFC)."""
+    def own_weight(m):
+        w = m._parameters.get("weight")
+        return w is not None and w.ndim >= 2
+
+    return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) or own_weight(m)]
 
 
 def _use_eager_quant_kernels() -> None:
@@ -116,8 +121,9 @@ def _advanced(recipe, settings: QDQSettings):
                                           disable_bias_correction=not settings.bias_correction)
 
 
-def _ignored_scope(model: torch.nn.Module, keep_fp32):
+def _ignored_scope(model: torch.nn.Module, keep_fp32, example: torch.Tensor):
     import nncf
+    from nncf.torch.function_hook.nncf_graph.nncf_graph_builder import build_nncf_graph
 
     if not keep_fp32:
         return None
@@ -127,9 +133,12 @@ def _ignored_scope(model: torch.nn.Module, keep_fp32):
 
         raise unknown_choice("layer to keep in FP32", unknown[0], quantizable_layers(model),
                              plural="layers to keep in FP32")
-    # NNCF names a module's op "<module path with />/<op>/<call index>", e.g. blocks/0/mlp_tokens/fc1/linear/0
-    return nncf.IgnoredScope(patterns=[re.escape(name.replace(".", "/")) + r"/(linear|conv2d)/\d+"
-                                       for name in keep_fp32])
+    # NNCF names an op by the call scope, not the module path (CycleMLP's network.2.0.attn.proj is
+    # "0/attn/proj/linear/1"), so take the ops that read each layer's weight from NNCF's own graph
+    graph = build_nncf_graph(model, example)
+    ops = sorted({edge.to_node.node_name for name in keep_fp32
+                  for edge in graph.get_output_edges(graph.get_node_by_name(f"{name}.weight"))})
+    return nncf.IgnoredScope(names=ops)
 
 
 class _CountingBatches:
@@ -163,7 +172,8 @@ def quantize_ptq(model: torch.nn.Module, calib_inputs: torch.Tensor, recipe,
         qmodel = nncf.quantize(
             model.eval(), data, preset=nncf.QuantizationPreset.PERFORMANCE,  # symmetric weights and activations
             model_type=nncf.ModelType.TRANSFORMER, subset_size=len(batches),
-            ignored_scope=_ignored_scope(model, settings.keep_fp32), advanced_parameters=_advanced(recipe, settings))
+            ignored_scope=_ignored_scope(model, settings.keep_fp32, batches[0][:1]),
+            advanced_parameters=_advanced(recipe, settings))
         if settings.conv_outputs:
             quantize_conv_outputs(qmodel, batches, recipe)
     return qmodel.to("cpu")

@@ -21,7 +21,7 @@ from onnx import numpy_helper
 
 from edgemix import console
 from edgemix.backends.onnx_graph import GEMM_OPS, dq_source, graph_maps, walk_to_dq
-from edgemix.backends.tensorrt.qdq import TRANSPOSED_SUFFIX, qdq_layout
+from edgemix.backends.tensorrt.qdq import TRANSPOSED_SUFFIX, qdq_layout, quantizable_layers
 
 
 @dataclass
@@ -173,7 +173,10 @@ def rank_layers(proto: onnx.ModelProto, fp32_model: torch.nn.Module, inputs,
     with torch.no_grad():
         ref = fp32_model.eval()(torch.from_numpy(x)).numpy()
     state = fp32_model.state_dict()
-    layers = quantized_layers(proto)
+    # the layers a rebuild can keep in FP32; a fixed kernel the exporter wrote as a constant (CycleMLP's
+    # one-hot shifts, exact in INT8) is no module's weight and stays INT8 in every row
+    keepable = set(quantizable_layers(fp32_model))
+    layers = [layer for layer in quantized_layers(proto) if layer in keepable]
     node_of = {r["layer"]: r["node"] for r in qdq_layout(proto) if r["weight_quantized"]}
     rows = []
     with console.progress("layer sensitivity", len(layers)) as advance:
