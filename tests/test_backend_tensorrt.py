@@ -752,3 +752,22 @@ def test_conv_output_quantizers_take_their_range_from_the_float_conv():
     with torch.no_grad():
         expected = model.stem[0](calib).abs().max()
     assert stem.signed and float(stem.scale.detach()) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_stripping_every_convmixer_layer_leaves_the_fp32_function():
+    """The sensitivity ranking runs a layer in float by removing its Q/DQ pairs, and for a Conv with a
+    quantized output (ConvMixer on jetson) that pair too, as the rebuild with the layer in FP32 has
+    none: with every layer stripped no Q/DQ is left and the graph computes the FP32 model."""
+    from edgemix.models import build_model, resolve_spec
+
+    torch.manual_seed(0)
+    model = build_model(resolve_spec("convmixer-fmnist")).eval()
+    x = torch.randn(4, 1, 28, 28)
+    q = qdq.quantize_ptq(model, x, resolve_recipe("default"), qdq.QDQSettings(conv_outputs=True))
+    proto, _ = qdq.export_qdq(q, model.spec, batch=4, dynamic_batch=False, opset=17)
+    assert qdq.conv_outputs_quantized(proto) == 13
+    stripped = sensitivity.strip_qdq(proto, sensitivity.quantized_layers(proto), model.state_dict())
+    ops = op_counts(stripped)
+    assert ops["QuantizeLinear"] == 0 and ops["DequantizeLinear"] == 0, ops
+    with torch.no_grad():
+        np.testing.assert_allclose(_ort(stripped, x.numpy()), model(x).numpy(), rtol=1e-4, atol=1e-4)

@@ -419,3 +419,18 @@ def test_jetson_fallback_keeps_sensitive_layers_until_budget(tmp_path):
     assert fb["keep_fp32"] == [r["layer"] for r in fb["ranking"]][:len(fb["keep_fp32"])]  # most sensitive first
     assert _report(out)["drift"]["cosine_mean"] >= 0.99995
     assert "layers kept in FP32" in p.stdout and "Per-layer sensitivity" in (out / "report.md").read_text()
+
+
+def test_jetson_fallback_that_needs_every_layer_in_fp32_is_refused(tmp_path):
+    """A budget INT8 cannot meet with any layer left INT8: a clear exit 2 naming the way out, and no
+    output folder (not an INT8 build with no Q/DQ left, which the TensorRT check would reject)."""
+    from edgemix.config import TARGETS_DIR
+
+    strict = (TARGETS_DIR / "jetson-orin-nano.toml").read_text().replace("min_cosine = 0.98", "min_cosine = 1.0")
+    profile = tmp_path / "exact-jetson.toml"
+    profile.write_text(strict)
+    out = tmp_path / "fb"
+    p = run_cli("build", "--target", profile, "--fallback", "--eval-limit", "50", "--no-compare-fp32",
+                "--latency-runs", "5", "--out", out)
+    assert_clean_error(p, 2, "with every quantized layer of 'fmnist' in FP32 (18 layers)", "--precision fp16")
+    assert not out.exists()

@@ -156,10 +156,18 @@ class TensorRTBackend(Backend):
         """Rank the quantized layers by the drift each causes alone (on up to 64 images), keep the most
         sensitive ones in FP32 until ``evaluate`` (drift on the whole evaluation set) meets the
         target's budget, and rebuild with them excluded."""
-        from edgemix.backends.tensorrt.sensitivity import plan_fallback
+        from edgemix.backends.tensorrt.sensitivity import plan_fallback, quantized_layers
 
         plan = plan_fallback(artifact.files["model"], job.model, x[:64], job.target.budget, evaluate,
                              threads=threads)
+        if plan["keep_fp32"] and not set(quantized_layers(artifact.files["model"])) - set(plan["keep_fp32"]):
+            from edgemix.errors import UsageError
+
+            raise UsageError(
+                f"the drift budget of target '{job.target.name}' is {'met only' if plan['met'] else 'not met even'} "
+                f"with every quantized layer of '{job.spec.name}' in FP32 ({len(plan['keep_fp32'])} layers): "
+                "no INT8 layer would be left to build, so nothing was written",
+                hint="build with --precision fp16 (or fp32), or loosen the [budget] of the target profile")
         if plan["keep_fp32"]:
             job.options["keep_fp32"] = list(plan["keep_fp32"])
             artifact = self.build(job)

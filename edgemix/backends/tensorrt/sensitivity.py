@@ -116,8 +116,28 @@ def strip_qdq(proto: onnx.ModelProto, layers: Iterable[str], fp32_state: dict | 
             else:
                 q = producers.get(dq.input[0])
                 reader.input[idx] = q.input[0] if q is not None and q.op_type == "QuantizeLinear" else dq.input[0]
+        for conv in {id(r): r for r, _, _ in by_layer[layer] if r.op_type == "Conv"}.values():
+            _bypass_output_pair(graph, conv)
     _prune(graph)
     return model
+
+
+def _bypass_output_pair(graph, conv) -> None:
+    """A Conv's output Q/DQ pair (``qdq.quantize_conv_outputs``), which a rebuild with the Conv kept in
+    FP32 does not have: its readers read the Conv's output directly."""
+    _, consumers = graph_maps(graph)
+    readers = consumers.get(conv.output[0], [])
+    if len(readers) != 1 or readers[0].op_type != "QuantizeLinear":
+        return
+    dqs = consumers.get(readers[0].output[0], [])
+    if not dqs or any(d.op_type != "DequantizeLinear" for d in dqs):
+        return
+    for dq in dqs:
+        for n in consumers.get(dq.output[0], []):
+            n.input[:] = [conv.output[0] if i == dq.output[0] else i for i in n.input]
+        for o in graph.output:
+            if o.name == dq.output[0]:
+                o.name = conv.output[0]
 
 
 def _prune(graph) -> None:
@@ -138,7 +158,9 @@ def _prune(graph) -> None:
     graph.value_info.extend(vi)
 
 
-def quantized_layers(proto: onnx.ModelProto) -> list[str]:
+def quantized_layers(proto) -> list[str]:
+    """The layers (weight owners) of a QDQ ONNX, a ModelProto or a path, whose GEMM reads INT8 weights."""
+    proto = proto if isinstance(proto, onnx.ModelProto) else onnx.load(str(proto))
     return [r["layer"] for r in qdq_layout(proto) if r["weight_quantized"]]
 
 
