@@ -401,17 +401,22 @@ def test_phone_qat_build_runs(tmp_path):
     assert r["drift"]["agreement"] >= 0.9
 
 
-def test_jetson_fallback_keeps_sensitive_layers_until_budget(tmp_path):
-    """A profile with a stricter cosine budget than INT8 meets: the build ranks the layers and keeps
-    the most sensitive ones in FP32 until the budget is met, and says which."""
+def _fallback_build(tmp_path, min_cosine: str, eval_limit: int):
+    """`build --fallback` of the default model for a jetson profile whose cosine budget is ``min_cosine``."""
     from edgemix.config import TARGETS_DIR
 
-    strict = (TARGETS_DIR / "jetson-orin-nano.toml").read_text().replace("min_cosine = 0.98", "min_cosine = 0.99995")
+    strict = (TARGETS_DIR / "jetson-orin-nano.toml").read_text().replace("min_cosine = 0.98", f"min_cosine = {min_cosine}")
     profile = tmp_path / "strict-jetson.toml"
     profile.write_text(strict)
     out = tmp_path / "fb"
-    p = run_cli("build", "--target", profile, "--fallback", "--eval-limit", "100", "--no-compare-fp32",
-                "--latency-runs", "5", "--out", out)
+    return run_cli("build", "--target", profile, "--fallback", "--eval-limit", str(eval_limit), "--no-compare-fp32",
+                   "--latency-runs", "5", "--out", out), out
+
+
+def test_jetson_fallback_keeps_sensitive_layers_until_budget(tmp_path):
+    """A profile with a stricter cosine budget than INT8 meets: the build ranks the layers and keeps
+    the most sensitive ones in FP32 until the budget is met, and says which."""
+    p, out = _fallback_build(tmp_path, "0.99995", 100)
     assert p.returncode == 0, p.stdout + p.stderr
     fb = _report(out)["details"]["fallback"]
     assert fb["met"] and fb["keep_fp32"], fb["steps"]
@@ -424,13 +429,6 @@ def test_jetson_fallback_keeps_sensitive_layers_until_budget(tmp_path):
 def test_jetson_fallback_that_needs_every_layer_in_fp32_is_refused(tmp_path):
     """A budget INT8 cannot meet with any layer left INT8: a clear exit 2 naming the way out, and no
     output folder (not an INT8 build with no Q/DQ left, which the TensorRT check would reject)."""
-    from edgemix.config import TARGETS_DIR
-
-    strict = (TARGETS_DIR / "jetson-orin-nano.toml").read_text().replace("min_cosine = 0.98", "min_cosine = 1.0")
-    profile = tmp_path / "exact-jetson.toml"
-    profile.write_text(strict)
-    out = tmp_path / "fb"
-    p = run_cli("build", "--target", profile, "--fallback", "--eval-limit", "50", "--no-compare-fp32",
-                "--latency-runs", "5", "--out", out)
+    p, out = _fallback_build(tmp_path, "1.0", 50)
     assert_clean_error(p, 2, "with every quantized layer of 'fmnist' in FP32 (18 layers)", "--precision fp16")
     assert not out.exists()
