@@ -11,6 +11,7 @@ from torchao.quantization.pt2e import HistogramObserver, MinMaxObserver, MovingA
 
 OBSERVERS = ("minmax", "moving_average_minmax", "histogram", "percentile")
 
+
 class PercentileObserver(MinMaxObserver):
     """Activation range = the [100-p, p] percentiles of everything seen, not the extremes.
 

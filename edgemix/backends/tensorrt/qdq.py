@@ -5,9 +5,10 @@ per output channel, activations per tensor; Q/DQ on the inputs of Conv/MatMul/Ge
 LayerNorm, GELU, the residual adds and the mean pool stay in float (NNCF's transformer patterns
 place activation quantizers on the LayerNorm outputs, which TensorRT propagates past the
 token-mixing Transposes into the GEMMs). For families that ask for it (ConvMixer, CycleMLP), also
-on the Conv outputs NNCF leaves in float (:func:`quantize_conv_outputs`). After export, :func:`to_tensorrt_layout` rewrites what the
-TorchScript exporter leaves in a form TensorRT reads less well (see there), and :func:`qdq_layout`
-reports the result so tests and the compatibility check can prove it.
+on the Conv outputs NNCF leaves in float (:func:`quantize_conv_outputs`). After export,
+:func:`to_tensorrt_layout` rewrites what the TorchScript exporter leaves in a form TensorRT reads
+less well (see there), and :func:`qdq_layout` reports the result so tests and the compatibility
+check can prove it.
 """
 
 from __future__ import annotations
@@ -367,7 +368,7 @@ def _batchnorm_as_affine(proto: onnx.ModelProto) -> list[str]:
     producers, consumers = graph_maps(graph)
     ranks = {v.name: len(v.type.tensor_type.shape.dim)
              for v in onnx.shape_inference.infer_shapes(proto).graph.value_info}
-    rewritten, folded = 0, 0
+    rewritten, folded, dropped = 0, 0, set()  # dropped: the BatchNorms' statistics, the folded scalars
     for bn in [n for n in graph.node if n.op_type == "BatchNormalization"]:
         src = producers.get(bn.input[0])
         rank = ranks.get(bn.input[0])
@@ -384,6 +385,7 @@ def _batchnorm_as_affine(proto: onnx.ModelProto) -> list[str]:
             if k is not None:
                 scale, x = scale * float(values[k].reshape(())), src.input[1 - k]
                 graph.node.remove(src)
+                dropped.add(src.input[k])
                 folded += 1
         shape = (-1,) + (1,) * (rank - 2)
         base = bn.name or bn.output[0]
@@ -396,16 +398,16 @@ def _batchnorm_as_affine(proto: onnx.ModelProto) -> list[str]:
         graph.node.insert(at + 1, onnx.helper.make_node("Add", [f"{bn.output[0]}/scaled", b_init.name],
                                                         list(bn.output), name=f"{base}/shift"))
         graph.node.remove(bn)
+        dropped.update(bn.input[1:5])
         rewritten += 1
     if not rewritten:
         return []
     _, consumers = graph_maps(graph)
-    graph_outputs = {o.name for o in graph.output}
-    for n in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in consumers
-              and n.output[0] not in graph_outputs]:
-        graph.node.remove(n)  # the folded scalars no other node reads
-    for i in [i for i in graph.initializer if i.name not in consumers and i.name not in graph_outputs]:
-        graph.initializer.remove(i)  # the BatchNorms' statistics
+    unread = {name for name in dropped if name not in consumers and name not in {o.name for o in graph.output}}
+    for n in [n for n in graph.node if n.op_type == "Constant" and n.output[0] in unread]:
+        graph.node.remove(n)
+    for i in [i for i in graph.initializer if i.name in unread]:
+        graph.initializer.remove(i)
     live = {o for n in graph.node for o in n.output}
     kept = [v for v in graph.value_info if v.name in live]  # the folded Muls' outputs are gone
     del graph.value_info[:]
