@@ -358,17 +358,20 @@ def test_keep_fp32_excludes_layers_via_nncf(fmnist, data):
         qdq.quantize_ptq(fmnist, data["calib"][:8], resolve_recipe("default"), qdq.QDQSettings(keep_fp32=("heda",)))
 
 
-def test_keep_fp32_finds_layers_nested_in_stages():
-    """CycleMLP's stages are Sequentials in a ModuleList, and NNCF names their ops by call scope
-    (network.2.0.attn.proj is "0/attn/proj/linear/1"): the layers are found by the weight they read.
-    A CycleFC (its own weight, applied with F.conv2d) is a layer too; its fixed one-hot shift kernel,
-    exact in INT8 and no module's weight, is not one."""
+@pytest.mark.parametrize("alias,keep", [
+    ("cyclemlp-fmnist", ("network.2.0.attn.proj", "network.0.1.mlp.fc2", "network.1.proj", "network.0.1.attn.sfc_w")),
+    ("vip-fmnist", ("network.2.1.attn.mlp_h", "network.0.0.mlp.fc1", "head")),
+])
+def test_keep_fp32_finds_layers_nested_in_stages(alias, keep):
+    """CycleMLP's and ViP's stages are Sequentials in a ModuleList, and NNCF names their ops by call
+    scope (network.2.0.attn.proj is "0/attn/proj/linear/1"): the layers are found by the weight they
+    read. A CycleFC (its own weight, applied with F.conv2d) is a layer too; its fixed one-hot shift
+    kernel, exact in INT8 and no module's weight, is not one."""
     from edgemix.models import build_model, resolve_spec
 
     torch.manual_seed(0)
-    model = build_model(resolve_spec("cyclemlp-fmnist")).eval()
-    keep = ("network.2.0.attn.proj", "network.0.1.mlp.fc2", "network.1.proj", "network.0.1.attn.sfc_w")
-    assert len(qdq.quantizable_layers(model)) == 35 and "network.0.1.attn.sfc_w" in qdq.quantizable_layers(model)
+    model = build_model(resolve_spec(alias)).eval()
+    assert len(qdq.quantizable_layers(model)) == 35 and set(keep) <= set(qdq.quantizable_layers(model))
     q = qdq.quantize_ptq(model, torch.randn(8, 1, 28, 28), resolve_recipe("default"), qdq.QDQSettings(keep_fp32=keep))
     proto, _ = qdq.export_qdq(q, model.spec, batch=1, dynamic_batch=False, opset=17)
     quantized = {r["layer"] for r in qdq.qdq_layout(proto) if r["weight_quantized"]}
