@@ -287,7 +287,9 @@ def test_fmnist_lowers_to_xnnpack_whole():
     from edgemix.backends.executorch.passes import export_view
 
     view, what = export_view(model)  # what the ExecuTorch backend lowers
-    assert "LayerNorms" in what
+    assert "LayerNorms" in what and "4 token mixers' output Linear applied to (B, H*W, C) rows" in what
+    assert isinstance(view.network[0][0].attn.proj, cm.RowProjection)
+    assert type(model.network[0][0].attn.proj) is torch.nn.Linear  # the caller's model is untouched
     x = torch.randn(1, 1, 28, 28)
     with torch.no_grad():
         ref = model(x)
@@ -325,16 +327,42 @@ def test_fmnist_exports_to_onnx(tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
-def test_phone_dynamic_activations_are_refused_cleanly_when_xnnpack_cannot_lower_them(tmp_path):
-    """ExecuTorch 1.5.1's XNNPACK backend rejects CycleMLP's dynamic INT8 program (a layout copy sits
-    between a GEMM input's dequantize and the GEMM): a usage error naming the model, the option and
-    the library's reason, pointing at static activations; nothing written."""
+def test_phone_dynamic_activations_lower_with_the_rows_export_form(tmp_path):
+    """XNNPACK refused CycleMLP's dynamic INT8 program while a layout copy sat between the output
+    Linear's dequantize and the GEMM; with the Linear on (B, H*W, C) rows (the export form) the copy
+    comes before the run-time quantization: one XNNPACK partition, every GEMM dynamically quantized."""
     pytest.importorskip("executorch", reason="the executorch package (ExecuTorch toolchain) is not installed")
-    from conftest import assert_clean_error, run_cli
+    import json
+
+    from conftest import run_cli
 
     out = tmp_path / "cyc"
     p = run_cli("build", "--target", "phone", "--model", "cyclemlp-fmnist", "--backend-option", "activations=dynamic",
-                "--eval-limit", "20", "--no-isa-check", "--no-compare-fp32", "--out", out)
-    assert_clean_error(p, 2, "cyclemlp-fmnist cannot be lowered with dynamic INT8 activations",
-                       "Weight and Input should both be quantized", "activations=static")
+                "--eval-limit", "50", "--no-isa-check", "--no-compare-fp32", "--latency-runs", "5",
+                "--latency-seconds", "0", "--out", out)
+    assert p.returncode == 0, p.stdout + p.stderr
+    r = json.loads((out / "report.json").read_text())
+    assert "at run time" in r["quantization"]["scheme"] and r["quantization"]["calibration_images"] == 0
+    assert r["details"]["delegation"]["partitions"] == 1 and r["details"]["delegation"]["not_delegated"] == []
+    assert r["drift"]["agreement"] >= 0.96
+
+
+def test_phone_dynamic_activations_are_refused_cleanly_when_xnnpack_cannot_lower_them(tmp_path, monkeypatch):
+    """Without that export form XNNPACK still rejects the program: a usage error naming the model, the
+    option and the library's reason, pointing at static activations; nothing written."""
+    pytest.importorskip("executorch", reason="the executorch package (ExecuTorch toolchain) is not installed")
+    import dataclasses
+
+    import edgemix
+
+    monkeypatch.setitem(registry.FAMILIES, "cyclemlp",
+                        dataclasses.replace(registry.FAMILIES["cyclemlp"], export_form=None))
+    out = tmp_path / "cyc"
+    with pytest.raises(UsageError) as err:
+        edgemix.build("cyclemlp-fmnist", target="phone", out=out, eval_limit=20, isa_check=False, compare_fp32=False,
+                      quiet=True, backend_options={"activations": "dynamic"})
+    text = str(err.value)
+    for needle in ("cyclemlp-fmnist cannot be lowered with dynamic INT8 activations",
+                   "Weight and Input should both be quantized", "activations=static"):
+        assert needle in text, text
     assert not out.exists() and not list(tmp_path.glob(".*staging*"))

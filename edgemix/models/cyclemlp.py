@@ -267,6 +267,39 @@ def import_state_dict(sd: dict, spec: CycleMLPSpec) -> tuple[dict, list[str]]:
     return out, unexpected
 
 
+# ------------------------------------------------------------------------------- export form
+
+class RowProjection(nn.Module):
+    """A token mixer's output Linear applied to its (B, H*W, C) rows: the same numbers.
+
+    XNNPACK's layout pass keeps the Conv-derived branch sum in channels-last and converts it back
+    just before the Linear. With dynamically quantized activations that copy lands between the
+    input's dequantize and the GEMM, which XNNPACK refuses ("Weight and Input should both be
+    quantized"); a reshape is an op that pass converts in front of, so the copy comes before the
+    run-time quantization instead.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        return self.linear(x.reshape(b, h * w, c)).reshape(b, h, w, c)
+
+
+def export_form(model: CycleNet) -> tuple[nn.Module, str]:
+    from edgemix.models.module import replace_modules
+
+    def rows(attn: CycleMLP) -> CycleMLP:
+        attn.proj = RowProjection(attn.proj)
+        return attn
+
+    view, n = replace_modules(model, CycleMLP, rows)
+    return view.eval(), f"{n} token mixers' output Linear applied to (B, H*W, C) rows"
+
+
 register(Family(name="cyclemlp", title="CycleMLP", spec_cls=CycleMLPSpec, variants=VARIANTS,
                 paper_names=PAPER_NAMES, build=build_model, import_state_dict=import_state_dict,
-                default_weights={"cyclemlp-fmnist": "cyclemlp-fmnist.pt"}, qdq_conv_outputs=True))
+                export_form=export_form, default_weights={"cyclemlp-fmnist": "cyclemlp-fmnist.pt"},
+                qdq_conv_outputs=True))
