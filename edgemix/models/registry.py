@@ -192,8 +192,5 @@ def family_setting(model: nn.Module, name: str, default=None):
 
 def export_form(model: nn.Module) -> tuple[nn.Module, str]:
     """The model's family export form, and a line saying what was rewritten ('none' when nothing)."""
-    spec = getattr(model, "spec", None)
-    fam = FAMILIES.get(getattr(spec, "family", None)) if spec is not None else None
-    if fam is None or fam.export_form is None:
-        return model, "none"
-    return fam.export_form(model)
+    form = family_setting(model, "export_form")
+    return (model, "none") if form is None else form(model)

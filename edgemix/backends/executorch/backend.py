@@ -142,9 +142,9 @@ class ExecuTorchBackend(Backend):
             except RuntimeError as e:
                 if not (dynamic and job.precision == "int8"):
                     raise
-                # ExecuTorch 1.5.1's XNNPACK backend rejects some dynamic graphs it partitioned: in
-                # CycleMLP a layout copy lands between a GEMM input's dequantize and the GEMM
-                # ("Weight and Input should both be quantized")
+                # ExecuTorch 1.5.1's XNNPACK backend rejects some dynamic graphs it partitioned, e.g.
+                # where its layout pass puts a copy between a GEMM input's dequantize and the GEMM
+                # ("Weight and Input should both be quantized"; CycleMLP's export form avoids it)
                 raise UsageError(f"{job.spec.name} cannot be lowered with dynamic INT8 activations: ExecuTorch's "
                                  f"XNNPACK backend refused its program ({e})",
                                  hint="use --backend-option activations=static (calibrated activations)") from None

@@ -156,11 +156,11 @@ class TensorRTBackend(Backend):
         """Rank the quantized layers by the drift each causes alone (on up to 64 images), keep the most
         sensitive ones in FP32 until ``evaluate`` (drift on the whole evaluation set) meets the
         target's budget, and rebuild with them excluded."""
-        from edgemix.backends.tensorrt.sensitivity import plan_fallback, quantized_layers
+        from edgemix.backends.tensorrt.sensitivity import plan_fallback
 
         plan = plan_fallback(artifact.files["model"], job.model, x[:64], job.target.budget, evaluate,
                              threads=threads)
-        if plan["keep_fp32"] and not set(quantized_layers(artifact.files["model"])) - set(plan["keep_fp32"]):
+        if plan["keep_fp32"] and not set(plan["quantized_layers"]) - set(plan["keep_fp32"]):
             from edgemix.errors import UsageError
 
             raise UsageError(

@@ -158,9 +158,8 @@ def _prune(graph) -> None:
     graph.value_info.extend(vi)
 
 
-def quantized_layers(proto) -> list[str]:
-    """The layers (weight owners) of a QDQ ONNX, a ModelProto or a path, whose GEMM reads INT8 weights."""
-    proto = proto if isinstance(proto, onnx.ModelProto) else onnx.load(str(proto))
+def quantized_layers(proto: onnx.ModelProto) -> list[str]:
+    """The layers (weight owners) of a QDQ ONNX whose GEMM reads INT8 weights."""
     return [r["layer"] for r in qdq_layout(proto) if r["weight_quantized"]]
 
 
@@ -270,10 +269,12 @@ def plan_fallback(model, fp32_model: torch.nn.Module, inputs, budget, evaluate: 
                   threads: int = 2, max_layers: int | None = None) -> dict:
     """The pipeline's one call: rank the layers of a built QDQ ONNX (path or ModelProto) on ``inputs``
     (a few dozen model-ready images), then find the FP32 layers that meet ``budget``. Returns
-    ``{"keep_fp32", "met", "steps", "ranking", "table_md"}``; rebuild with
+    ``{"keep_fp32", "met", "steps", "ranking", "table_md", "quantized_layers"}`` (the last: every
+    layer of the model with INT8 weights, ranked or not); rebuild with
     ``BuildJob.options["keep_fp32"] = result["keep_fp32"]`` when it is not empty."""
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
     ranking = rank_layers(proto, fp32_model, inputs, threads)
     result = fallback_to_budget(proto, ranking, budget, evaluate, fp32_model=fp32_model, threads=threads,
                                 max_layers=max_layers)
-    return {**result.to_dict(), "ranking": table_dicts(ranking), "table_md": format_table(ranking)}
+    return {**result.to_dict(), "ranking": table_dicts(ranking), "table_md": format_table(ranking),
+            "quantized_layers": quantized_layers(proto)}
